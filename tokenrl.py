@@ -31,6 +31,7 @@ numbers, and can be copied out on its own. Where the paper is silent we chose, a
  10. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -610,6 +611,28 @@ def completion_logprobs(model, prompt: list[int], completion: list[int], positio
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
 
 
+@contextlib.contextmanager
+def backward_memory(model):
+    """Tally the bytes autograd saves for backward inside the block, parameters excluded.
+
+    That is the update's memory that grows with sequence length and loss tokens (activations, the loss positions'
+    log-softmax), measured the same way on any device; transient tensors that backward does not keep (the full
+    logits of --full-logits) show only in a device's peak. Yields a dict whose "bytes" grows as tensors are saved.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, tally = set(), {"bytes": 0}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            tally["bytes"] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield tally
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Updates. Each accumulates the gradient of -J one completion at a time (§3.4), so memory holds one completion's
 # activations, and only at the loss positions does the head produce logits.
@@ -620,14 +643,18 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
                  full_logits: bool = False) -> dict:
     """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
 
-    token_sets[i]: (N_i,) positions of T_i in completion i. Returns the loss, mean KL and loss-token count.
+    token_sets[i]: (N_i,) positions of T_i in completion i. model must be a PeftModel when beta > 0 (pi_ref is
+    the model with its adapter disabled). Returns the loss, mean KL, loss-token count and the most bytes one
+    completion held for backward.
     """
     group = len(completions)
-    loss, kl_sum, n_tokens = 0.0, 0.0, 0
+    loss, kl_sum, n_tokens, saved = 0.0, 0.0, 0, 0
     for completion, advantage, positions in zip(completions, advantages.tolist(), token_sets):
         if len(positions) == 0:  # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0)
             continue
-        logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
+        with backward_memory(model) as held:
+            logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
+        saved = max(saved, held["bytes"])
         ref_logp = None
         if beta:
             with torch.no_grad(), model.disable_adapter():  # pi_ref: the base model, never updated (§3.2)
@@ -637,7 +664,7 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
         term.backward()
         loss += float(term.detach())
         n_tokens += len(positions)
-    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens}
+    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens, "saved_bytes": saved}
 
 
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
@@ -646,22 +673,25 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
     """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
 
     Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
-    such pair. Returns the loss and the counts of unique and non-zero-advantage pairs (the loss tokens).
+    such pair. Returns the loss, the counts of unique and non-zero-advantage pairs (the loss tokens) and the most
+    bytes one completion held for backward.
     """
     # |U| counts every unique (prefix, token) pair of the group, zero-advantage ones included
     n_unique = int(first.sum())
     active = first & (adv != 0)  # (G, T): the pairs that need the model
-    loss = 0.0
+    loss, saved = 0.0, 0
     for i in active.any(dim=1).nonzero()[:, 0].tolist():
         positions = active[i].nonzero()[:, 0]
-        logp = completion_logprobs(model, prompt, completions[i], positions, temperature, full_logits)
+        with backward_memory(model) as held:
+            logp = completion_logprobs(model, prompt, completions[i], positions, temperature, full_logits)
+        saved = max(saved, held["bytes"])
         term = -tspmo_objective(logp, adv[i, positions].to(logp.device), n_unique, use_logprob) * scale
         term.backward()
         loss += float(term.detach())
     penalty = lam * lora_l2(model) * scale
     penalty.backward()
     return {"loss": loss + float(penalty.detach()), "l2": float(penalty.detach()) / (lam * scale) if lam else 0.0,
-            "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
+            "unique_pairs": n_unique, "loss_tokens": int(active.sum()), "saved_bytes": saved}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -805,7 +835,7 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
                                                 cfg.replay_fail, rng)
     stats = {"replay/updates": 0, "replay/prefix_len": [], "replay/skipped_success": int(cfg.replay_success > 0
              and not chosen_success), "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail),
-             "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0}
+             "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0, "saved_bytes": 0}
     temperature = cfg.temperature if cfg.logp_temperature else 1.0
     for index in chosen_success + chosen_fail:
         problem = train[replay["problem"][index]]
@@ -824,6 +854,7 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
         stats["replay/updates"] += 1
         stats["replay/prefix_len"].append(len(kept))
         stats["loss_tokens"] += update["loss_tokens"]
+        stats["saved_bytes"] = max(stats["saved_bytes"], update["saved_bytes"])
         stats["sampled_tokens"] += sum(map(len, completions))
         stats["time_sample"] += t1 - t0
         stats["time_update"] += _sync_time() - t1
@@ -911,6 +942,7 @@ def train(cfg: Config) -> dict:
             rng = random.Random(f"replay:{cfg.seed}:{step_index}")
             totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
                       "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
+            saved = 0
             rewards = []
             for b in range(cfg.batch_size):
                 index = step_index * cfg.batch_size + b
@@ -919,6 +951,7 @@ def train(cfg: Config) -> dict:
                 stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id,
                                          generator, 1.0 / cfg.batch_size)
                 rewards += stats["rewards"]
+                saved = max(saved, stats["saved_bytes"])
                 for key in totals:
                     totals[key] += stats.get(key, 0)
                 if replay is not None:
@@ -939,12 +972,14 @@ def train(cfg: Config) -> dict:
                     extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
                     for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
                         totals[key] += extra.pop(key)
+                    saved = max(saved, extra.pop("saved_bytes"))
                     row.update(extra)
             with torch.no_grad():
                 lora_norm = float(lora_l2(model).sqrt())
             row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
                         "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
-                        "memory/peak_mb": round(peak_memory_mb(device), 1), "lora/norm": lora_norm})
+                        "memory/peak_mb": round(peak_memory_mb(device), 1),
+                        "memory/backward_mb": round(saved / 2 ** 20, 2), "lora/norm": lora_norm})
             step = step_index + 1
             log_row(metrics, row)
             bar.set_postfix(reward=f"{row['reward/mean']:.2f}", tokens=row["tokens/loss"])
