@@ -393,10 +393,11 @@ def test_backward_memory_grows_with_the_loss_positions():
 
     first_only, every = held(torch.tensor([0])), held(torch.arange(len(completion)))
     every_full = held(torch.arange(len(completion)), full_logits=True)
-    assert 0 < first_only < every <= every_full
-    # backward holds the (N, V) float32 log-softmax of the N loss positions and little else that depends on V
+    assert 0 < first_only < every < every_full
+    # backward holds the (N, V) float32 log-softmax of the N loss positions; full logits hold all P + T rows
     vocab = len(tokenizer)
     assert every - first_only >= 4 * vocab * (len(completion) - 1)
+    assert every_full - every >= 4 * vocab * (len(prompt) - 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -659,6 +660,30 @@ def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
     assert max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n) > 0  # training moved the adapter
 
 
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_dir, svamp_file, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens", 4, "--group-size",
+              2, "--eval-every", 0, "--save-every", 10, "--steps", 4, "--out", out]
+    real = tokenrl.train_on_problem
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C during the third step
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenrl, "train_on_problem", interrupted)
+    with pytest.raises(SystemExit) as caught:
+        run_cli(*common)
+    assert caught.value.code == 130
+    assert tokenrl.latest_checkpoint(out) == out / "checkpoints" / "step_000002"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    monkeypatch.setattr(tokenrl, "train_on_problem", real)
+    assert run_cli(*common, "--resume") == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_cli_resume_refuses_a_changed_config(tmp_path, tiny_dir, svamp_file, capsys):
     common = ["--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens", 4, "--group-size",
               2, "--eval-every", 0, "--out", tmp_path / "run"]
@@ -778,3 +803,54 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
     with torch.no_grad():
         after = tokenrl.completion_logprobs(reloaded, prompt, completion, positions, 0.3)
     torch.testing.assert_close(after, trained, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Notebooks: valid, and their code runs against the current tokenrl.py
+
+
+def notebook_cells(name: str) -> list[str]:
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(Path(__file__).with_name("notebooks") / name, as_version=4)
+    nbformat.validate(notebook)
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def run_cells(cells: list[str], name: str) -> dict:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    namespace: dict = {"__name__": "__main__"}
+    for index, source in enumerate(cells):
+        exec(compile(source, f"{name}[cell {index}]", "exec"), namespace)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return namespace
+
+
+def test_walkthrough_runs_on_the_tiny_model(monkeypatch):
+    monkeypatch.setenv("TOKENRL_WALKTHROUGH_SHORT", "1")
+    monkeypatch.chdir(Path(__file__).with_name("notebooks"))
+    ns = run_cells(notebook_cells("walkthrough.ipynb"), "walkthrough")
+    assert ns["MODEL_NAME"].startswith("the tiny")
+    assert ns["counts"]["GRPO"] == sum(ns["lengths"]) >= ns["counts"]["S-GRPO"] >= 1
+    assert ns["counts"]["T-SPMO"] == int((ns["first"] & (ns["adv"] != 0)).sum())
+    for exact, estimated in zip(ns["exact"], ns["estimated"]):  # Eq. 4's mean matches the exact KL
+        assert abs(exact - estimated) <= 0.05 * exact + 1e-3
+
+
+def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypatch):
+    results = tmp_path / "results"
+    for algo in ("grpo", "sgrpo", "tspmo"):
+        assert run_cli("--algo", algo, "--task", "mult", "--model", tiny_dir, "--digits", 1, "--test-size", 6,
+                       "--steps", 3, "--max-new-tokens", 6, "--group-size", 3, "--eval-every", 2, "--eval-subset",
+                       3, "--out", results / algo) == 0
+    assert run_cli("--eval-only", "--task", "mult", "--model", tiny_dir, "--digits", 1, "--test-size", 6,
+                   "--max-new-tokens", 6, "--out", results / "base") == 0
+    monkeypatch.setenv("TOKENRL_RESULTS", str(results))
+    monkeypatch.setenv("TOKENRL_FIGURE", str(tmp_path / "figure.png"))
+    monkeypatch.chdir(Path(__file__).with_name("notebooks"))
+    ns = run_cells(notebook_cells("results.ipynb"), "results")
+    assert set(ns["runs"]) == {"GRPO", "S-GRPO", "T-SPMO"}
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    assert len(ns["lines"]) == 6 and ns["lines"][3].startswith("| GRPO | ")

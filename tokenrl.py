@@ -592,8 +592,8 @@ def completion_logprobs(model, prompt: list[int], completion: list[int], positio
     """log pi(y_t | x, y_<t) of one completion at the given positions only: (N,) for N positions.
 
     The body runs over the prompt and the completion up to the last position needed (causal attention makes the
-    rest irrelevant); the output head runs only at the N positions, so no (T, V) logits exist. full_logits computes
-    every position's logits first, to measure what that costs.
+    rest irrelevant); the output head runs only at the N positions, so no (T, V) logits exist. full_logits does it
+    the usual way instead (log-softmax over every position, then pick), to measure what the gather saves.
     """
     device = next(model.parameters()).device
     positions = positions.to(device)
@@ -602,12 +602,11 @@ def completion_logprobs(model, prompt: list[int], completion: list[int], positio
     targets = torch.tensor(completion, device=device)[positions]  # (N,)
     rows = len(prompt) - 1 + positions  # the state at row P-1+t predicts completion token t
     if full_logits:
-        logits = model(input_ids=ids, use_cache=False).logits[0, rows]  # (P + last, V) -> (N, V)
-    else:
-        body, head = body_and_head(model)
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, rows]  # (P + last, H) -> (N, H)
-        logits = head(hidden)  # (N, V)
-    logits = logits.float() / temperature
+        logits = model(input_ids=ids, use_cache=False).logits[0].float() / temperature  # (P + last, V)
+        return torch.log_softmax(logits, dim=-1)[rows].gather(1, targets[:, None])[:, 0]  # -> (N, V) -> (N,)
+    body, head = body_and_head(model)
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, rows]  # (P + last, H) -> (N, H)
+    logits = head(hidden).float() / temperature  # (N, V)
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
 
 
@@ -616,8 +615,8 @@ def backward_memory(model):
     """Tally the bytes autograd saves for backward inside the block, parameters excluded.
 
     That is the update's memory that grows with sequence length and loss tokens (activations, the loss positions'
-    log-softmax), measured the same way on any device; transient tensors that backward does not keep (the full
-    logits of --full-logits) show only in a device's peak. Yields a dict whose "bytes" grows as tensors are saved.
+    log-softmax), measured the same way on any device; transient tensors that backward does not keep show only in
+    a device's peak. Yields a dict whose "bytes" grows as tensors are saved.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, tally = set(), {"bytes": 0}
