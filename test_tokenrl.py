@@ -557,6 +557,37 @@ def test_replay_prefix_length_covers_the_generated_part():
     assert tokenrl.replay_prefix_length(1, rng) == 0
 
 
+def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeypatch):
+    model, tokenizer = lora_model(seed=9)
+    eos = tokenizer.eos_token_id
+    cfg = tokenrl.resolve_config(tokenrl.Config(algo="tspmo", task="mult", group_size=4, max_new_tokens=40,
+                                                replay_success=1, replay_fail=0))
+    problem = tokenrl.Problem(tokenrl.mult_question(7, 8), 56)
+    old = tokenizer(" so it is 56")["input_ids"] + [eos]
+    replay = {"problem": [0, 0], "completion": [torch.tensor(old), torch.tensor([eos])], "reward": [1.0, 0.0]}
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id):
+        seen.append((prompts[0], max_new_tokens))
+        # two continuations end the answer as it is, two append a digit and spoil it
+        return [[eos], [eos], tokenizer("7")["input_ids"] + [eos], tokenizer("7")["input_ids"] + [eos]]
+
+    monkeypatch.setattr(tokenrl, "generate", fake_generate)
+    monkeypatch.setattr(tokenrl, "replay_prefix_length", lambda n, rng: n - 1)  # keep all but the EOS
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    stats = tokenrl.replay_updates(model, tokenizer, [problem], replay, cfg, [eos], eos, optimizer,
+                                   random.Random(0))
+    prompt = tokenrl.encode_prompt("mult", problem, tokenizer)
+    assert seen == [(prompt + old[:-1], 40 - (len(old) - 1))]  # restarted from prompt + prefix, within budget
+    assert stats["replay/updates"] == 1 and stats["replay/prefix_len"] == len(old) - 1
+    # rewards 1, 1, 0, 0 because the prefix " so it is 56" counts: the continuations' first tokens get A = +-0.5
+    assert stats["loss_tokens"] == 2 and stats["replay/skipped_success"] == 0
+    empty = tokenrl.replay_updates(model, tokenizer, [problem], {"problem": [0], "completion": [torch.tensor([eos])],
+                                                                 "reward": [0.0]}, cfg, [eos], eos, optimizer,
+                                   random.Random(0))
+    assert empty["replay/updates"] == 0 and empty["replay/skipped_success"] == 1 and empty["replay/prefix_len"] is None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Sampling
 

@@ -842,8 +842,10 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
         kept = old[: replay_prefix_length(len(old), rng)]
         prompt = encode_prompt(cfg.task, problem, tokenizer)
         t0 = time.perf_counter()
-        completions, rewards = sample_group(model, tokenizer, prompt + kept, problem.answer, cfg.group_size,
-                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id)
+        # continuations of prompt + kept, each scored as the whole completion kept + continuation
+        completions, rewards = sample_group(model, tokenizer, prompt, problem.answer, cfg.group_size,
+                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id,
+                                            completed=kept)
         t1 = _sync_time()
         adv, first = tspmo_advantages(completions, rewards)
         update = tspmo_update(model, prompt + kept, completions, adv, first, cfg.lam, temperature, 1.0,
