@@ -364,6 +364,30 @@ def test_gathered_logprobs_equal_full_forward(full_logits):
         torch.testing.assert_close(every, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_each_update_is_the_same_with_gathered_or_full_logits(algo):
+    model, tokenizer = lora_model(seed=10)
+    prompt, completions = example_group(tokenizer)
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    results = []
+    for full_logits in (False, True):
+        if algo == "tspmo":
+            adv, first = tokenrl.tspmo_advantages(completions, rewards)
+            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, full_logits=full_logits)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            sets = [torch.arange(len(c)) if algo == "grpo" else
+                    tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
+            stats = tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor(rewards)),
+                                         sets, 0.01, 0.3, full_logits=full_logits)
+        results.append((stats["loss"], grads(model)))
+        zero_grads(model)
+    (loss, gathered), (full_loss, full) = results
+    assert loss == pytest.approx(full_loss, abs=1e-6)
+    for name in gathered:
+        torch.testing.assert_close(gathered[name], full[name], rtol=1e-4, atol=1e-6)
+
+
 def test_logits_only_at_loss_positions_and_no_grad_below_lora():
     model, tokenizer = lora_model(seed=3, fraction=1 / 4)
     prompt, completions = example_group(tokenizer)
