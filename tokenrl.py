@@ -406,7 +406,7 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
     is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
     """
     # trie node n: children[n] maps a next token to its node; total[n], count[n] sum the rewards of the
-    # completions whose prefix passes through n (Eq. 8-9's empirical means are total / count)
+    # completions whose prefix passes through n, so total / count is the empirical mean of Eq. 8 and Eq. 9
     children: list[dict[int, int]] = [{}]
     total, count = [0.0], [0]
     paths: list[list[int]] = []  # the node reached after each token of each completion
@@ -434,6 +434,7 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
     rows = []
     for path in paths:
         parents = [0] + path[:-1]
+        # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
         rows.append([mean[n] - mean[q] for n, q in zip(path, parents)] + [0.0] * (width - len(path)))
     return torch.tensor(rows, dtype=torch.float32).reshape(len(completions), width), first
 
@@ -962,7 +963,8 @@ def train(cfg: Config) -> dict:
                         replay["reward"].append(r)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            row = {"step": step_index + 1, "problem": step_index * cfg.batch_size,
+            step = step_index + 1  # counted at once: a Ctrl-C from here on saves this update as done
+            row = {"step": step, "problem": step_index * cfg.batch_size,
                    "reward/mean": sum(rewards) / len(rewards),
                    "reward/any": any(rewards), "loss": totals["loss"],
                    "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
@@ -981,7 +983,6 @@ def train(cfg: Config) -> dict:
                         "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
                         "memory/peak_mb": round(peak_memory_mb(device), 1),
                         "memory/backward_mb": round(saved / 2 ** 20, 2), "lora/norm": lora_norm})
-            step = step_index + 1
             log_row(metrics, row)
             bar.set_postfix(reward=f"{row['reward/mean']:.2f}", tokens=row["tokens/loss"])
             if step % cfg.save_every == 0 or step == cfg.steps:
