@@ -690,8 +690,8 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
         loss += float(term.detach())
     penalty = lam * lora_l2(model) * scale
     penalty.backward()
-    return {"loss": loss + float(penalty.detach()), "l2": float(penalty.detach()) / (lam * scale) if lam else 0.0,
-            "unique_pairs": n_unique, "loss_tokens": int(active.sum()), "saved_bytes": saved}
+    return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum()),
+            "saved_bytes": saved}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -702,9 +702,9 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
                  temperature: float, stop_ids: list[int], pad_id: int,
                  completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
-    completions = generate(model, [prompt + list(completed)] * group_size, max_new_tokens, temperature, stop_ids,
-                           pad_id)
-    texts = tokenizer.batch_decode([list(completed) + c for c in completions], skip_special_tokens=True)
+    completed = list(completed)
+    completions = generate(model, [prompt + completed] * group_size, max_new_tokens, temperature, stop_ids, pad_id)
+    texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
 
