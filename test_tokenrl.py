@@ -291,14 +291,15 @@ def example_group(tokenizer):
     return prompt, completions
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.01, 0.5])
-def test_sgrpo_gradient_matches_direct_policy_gradient(beta):
+@pytest.mark.parametrize("beta, update_batch", [(0.0, 1), (0.01, 1), (0.5, 1), (0.01, 3), (0.5, 8)])
+def test_sgrpo_gradient_matches_direct_policy_gradient(beta, update_batch):
     model, tokenizer = lora_model()
     prompt, completions = example_group(tokenizer)
     advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
     gen = torch.Generator().manual_seed(0)
     token_sets = [tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
-    stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, temperature=0.3)
+    stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, temperature=0.3,
+                                 update_batch=update_batch)
     got = grads(model)
     zero_grads(model)
     # direct: J = 1/G sum_i 1/|T_i| sum_{t in T_i} [A_i log pi_t - beta k3_t], differentiated by autograd
@@ -354,14 +355,19 @@ def test_grpo_accumulation_equals_batched_loss():
 def test_gathered_logprobs_equal_full_forward(full_logits):
     model, tokenizer = lora_model(seed=2)
     prompt, completions = example_group(tokenizer)
-    for completion in completions:
-        reference = full_logprobs(model, prompt, completion, 0.3)
-        positions = torch.tensor(sorted(random.Random(len(completion)).sample(range(len(completion)),
-                                                                              max(1, len(completion) // 2))))
-        got = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3, full_logits)
-        torch.testing.assert_close(got, reference[positions], atol=1e-5, rtol=0)
-        every = tokenrl.completion_logprobs(model, prompt, completion, torch.arange(len(completion)), 0.3)
-        torch.testing.assert_close(every, reference, atol=1e-5, rtol=0)
+    references = [full_logprobs(model, prompt, completion, 0.3) for completion in completions]
+    picked = [torch.tensor(sorted(random.Random(len(c)).sample(range(len(c)), max(1, len(c) // 2))))
+              for c in completions]
+    every = [torch.arange(len(c)) for c in completions]
+    # one completion per pass, then the whole group in one right-padded pass of unequal lengths
+    for positions in (picked, every):
+        one_by_one = [tokenrl.completion_logprobs(model, prompt, [c], [pos], 0.3, full_logits)[0]
+                      for c, pos in zip(completions, positions)]
+        together = tokenrl.completion_logprobs(model, prompt, completions, positions, 0.3, full_logits)
+        assert len({int(pos.max()) for pos in positions}) > 1
+        for reference, pos, single, batched in zip(references, positions, one_by_one, together):
+            torch.testing.assert_close(single, reference[pos], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched, reference[pos], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
@@ -398,7 +404,7 @@ def test_logits_only_at_loss_positions_and_no_grad_below_lora():
         layer.register_forward_hook(lambda m, args, out, i=i: layer_grad.__setitem__(
             i, (out[0] if isinstance(out, tuple) else out).requires_grad))
     positions = torch.tensor([0, 3])
-    tokenrl.completion_logprobs(model, prompt, completions[1], positions, 0.3)
+    tokenrl.completion_logprobs(model, prompt, [completions[1]], [positions], 0.3)
     assert head_rows == [2]  # the head saw 2 hidden states, not (P + T)
     first_lora = tokenrl.lora_layers(N_LAYERS, 1 / 4)[0]
     assert [layer_grad[i] for i in range(N_LAYERS)] == [i >= first_lora for i in range(N_LAYERS)]
@@ -501,15 +507,17 @@ def test_tspmo_advantages_hand_computed_trie():
                               [True, False, False]]
 
 
-@pytest.mark.parametrize("use_logprob, lam", [(False, 0.01), (True, 0.01), (False, 0.0)])
-def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam):
+@pytest.mark.parametrize("use_logprob, lam, update_batch", [(False, 0.01, 1), (True, 0.01, 1), (False, 0.0, 1),
+                                                            (False, 0.01, 2), (True, 0.01, 8)])
+def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, update_batch):
     model, tokenizer = lora_model(seed=4)
     prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
     texts = [" 5 apples", " 5 pears", " 6 apples", " 5 apples", " 4"]
     completions = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     rewards = [1.0, 1.0, 0.0, 1.0, 0.0]
     adv, first = tokenrl.tspmo_advantages(completions, rewards)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob,
+                                 update_batch=update_batch)
     got = grads(model)
     zero_grads(model)
     # direct Eq. 10: every unique pair, each from a full forward of its completion
@@ -530,7 +538,8 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam):
     torch.testing.assert_close(torch.tensor(stats["loss"]), -objective.detach(), rtol=1e-4, atol=1e-6)
 
 
-def test_tspmo_zero_advantage_pairs_cost_no_logits():
+@pytest.mark.parametrize("update_batch", [1, 2])
+def test_tspmo_zero_advantage_pairs_cost_no_logits(update_batch):
     model, tokenizer = lora_model(seed=5)
     prompt = tokenizer("Q:")["input_ids"]
     # pairs with A != 0: only where the two groups of completions part ("x" vs "y" at t = 3)
@@ -542,10 +551,12 @@ def test_tspmo_zero_advantage_pairs_cost_no_logits():
     lm.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     lm.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape),
                                    with_kwargs=True)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, update_batch=update_batch)
     assert stats["loss_tokens"] == 2 and stats["unique_pairs"] == int(first.sum())
-    assert rows == [1, 1]  # one logit row per non-zero pair
-    assert lengths == [torch.Size([1, len(prompt) + 3])] * 2  # completions 0 and 2 only, each up to t = 3
+    # one logit row per non-zero pair; completions 0 and 2 only, each up to t = 3, one or two per pass
+    passes = 2 // update_batch
+    assert rows == [update_batch] * passes
+    assert lengths == [torch.Size([update_batch, len(prompt) + 3])] * passes
 
 
 def test_tspmo_all_equal_rewards_leave_only_the_l2_gradient():
@@ -771,6 +782,7 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     (["--model", "/nonexistent/model.gguf", "--data", "@svamp", "--test-size", "8"], "cannot load model"),
     (["--steps", "x"], "invalid int value"),
     (["--std", "robust"], "--std must be sample or population"),
+    (["--update-batch", "0"], "--update-batch must be >= 1"),
 ])
 def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file):
     args = [svamp_file if a == "@svamp" else a for a in args]
@@ -843,7 +855,7 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
     completion = tokenizer(" 7 times 8 is 56.")["input_ids"]
     positions = torch.arange(len(completion))
     with torch.no_grad():
-        start = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3)
+        start = tokenrl.completion_logprobs(model, prompt, [completion], [positions], 0.3)[0]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     stats = tokenrl.train_on_problem(model, tokenizer, prompt, 56, cfg, stop_ids, tokenizer.pad_token_id,
                                      torch.Generator().manual_seed(0), 1.0)
@@ -851,12 +863,12 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
     assert stats["loss_tokens"] > 0
     model.save_pretrained(str(tmp_path / "adapter"))
     with torch.no_grad():
-        trained = tokenrl.completion_logprobs(model, prompt, completion, positions, 0.3)
+        trained = tokenrl.completion_logprobs(model, prompt, [completion], [positions], 0.3)[0]
     assert float((trained - start).abs().max()) > 1e-5  # the step moved the policy
     fresh, _ = tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
     with torch.no_grad():
-        after = tokenrl.completion_logprobs(reloaded, prompt, completion, positions, 0.3)
+        after = tokenrl.completion_logprobs(reloaded, prompt, [completion], [positions], 0.3)[0]
     torch.testing.assert_close(after, trained, atol=1e-5, rtol=0)
 
 

@@ -117,6 +117,9 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     full_logits: bool = field(default=False, metadata={
         "help": "compute logits at every position (to measure what the gather saves)"})
+    update_batch: int | None = field(default=None, metadata={
+        "help": "completions per forward/backward pass of the update (default: GRPO 1, §3.4's accumulation; "
+                "S-GRPO and T-SPMO 8); lower it to save memory, the gradient is the same"})
 
 
 # §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
@@ -145,6 +148,9 @@ def resolve_config(cfg: Config) -> Config:
         cfg.steps = defaults["steps"][cfg.algo]
     if cfg.group_size is None:
         cfg.group_size = 50 if cfg.algo == "tspmo" else 8
+    if cfg.update_batch is None:
+        # the paper accumulates one completion at a time only for GRPO (§3.4); 8 is S-GRPO's whole group
+        cfg.update_batch = 1 if cfg.algo == "grpo" else 8
     if cfg.digits_b is None:
         cfg.digits_b = cfg.digits
     if cfg.lora_alpha is None:
@@ -163,6 +169,7 @@ def resolve_config(cfg: Config) -> Config:
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.update_batch >= 1, f"--update-batch must be >= 1 (got {cfg.update_batch})"),
         (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
         (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
         (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
@@ -588,27 +595,35 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
-def completion_logprobs(model, prompt: list[int], completion: list[int], positions: torch.Tensor,
-                        temperature: float = 1.0, full_logits: bool = False) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of one completion at the given positions only: (N,) for N positions.
+def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
+                        temperature: float = 1.0, full_logits: bool = False) -> list[torch.Tensor]:
+    """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
 
-    The body runs over the prompt and the completion up to the last position needed (causal attention makes the
-    rest irrelevant); the output head runs only at the N positions, so no (T, V) logits exist. full_logits does it
-    the usual way instead (log-softmax over every position, then pick), to measure what the gather saves.
+    positions[i] (N_i >= 1 positions) picks the tokens of completions[i]. Each row runs over the prompt and its
+    completion only up to the last position needed (causal attention makes the rest irrelevant); the output head
+    runs only at the sum(N_i) picked positions, so no (B, T, V) logits exist. full_logits does it the usual way
+    instead (log-softmax over every position, then pick), to measure what the gather saves.
     """
     device = next(model.parameters()).device
-    positions = positions.to(device)
-    last = int(positions.max())
-    ids = torch.tensor([prompt + completion[:last]], device=device)  # (1, P + last): y_last is never an input
-    targets = torch.tensor(completion, device=device)[positions]  # (N,)
-    rows = len(prompt) - 1 + positions  # the state at row P-1+t predicts completion token t
+    inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
+    # right padding needs no attention mask: causal attention never lets a real token see the pads after it
+    ids = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # (B, P + longest last)
+    for i, row in enumerate(inputs):
+        ids[i, :len(row)] = torch.tensor(row)
+    ids = ids.to(device)
+    batch = torch.cat([torch.full_like(pos, i) for i, pos in enumerate(positions)]).to(device)  # (N,)
+    at = torch.cat(positions).to(device)  # (N,)
+    targets = torch.tensor([c[t] for c, pos in zip(completions, positions) for t in pos.tolist()], device=device)
+    rows_at = len(prompt) - 1 + at  # the state at row P-1+t predicts completion token t
     if full_logits:
-        logits = model(input_ids=ids, use_cache=False).logits[0].float() / temperature  # (P + last, V)
-        return torch.log_softmax(logits, dim=-1)[rows].gather(1, targets[:, None])[:, 0]  # -> (N, V) -> (N,)
-    body, head = body_and_head(model)
-    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, rows]  # (P + last, H) -> (N, H)
-    logits = head(hidden).float() / temperature  # (N, V)
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
+        logits = model(input_ids=ids, use_cache=False).logits.float() / temperature  # (B, W, V)
+        logp = torch.log_softmax(logits, dim=-1)[batch, rows_at].gather(1, targets[:, None])[:, 0]  # (N,)
+    else:
+        body, head = body_and_head(model)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
+        logits = head(hidden).float() / temperature  # (N, V)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
+    return list(logp.split([len(pos) for pos in positions]))
 
 
 @contextlib.contextmanager
@@ -634,58 +649,67 @@ def backward_memory(model):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Updates. Each accumulates the gradient of -J one completion at a time (§3.4), so memory holds one completion's
-# activations, and only at the loss positions does the head produce logits.
+# Updates. Each accumulates the gradient of -J over passes of `update_batch` completions: GRPO one at a time
+# (§3.4's accumulation, so memory holds one completion's activations), S-GRPO and T-SPMO a group of them per pass,
+# which their few loss tokens afford. Only at the loss positions does the head produce logits.
 
 
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
-                 full_logits: bool = False) -> dict:
+                 full_logits: bool = False, update_batch: int = 1) -> dict:
     """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
 
     token_sets[i]: (N_i,) positions of T_i in completion i. model must be a PeftModel when beta > 0 (pi_ref is
     the model with its adapter disabled). Returns the loss, mean KL, loss-token count and the most bytes one
-    completion held for backward.
+    pass held for backward.
     """
     group = len(completions)
-    loss, kl_sum, n_tokens, saved = 0.0, 0.0, 0, 0
-    for completion, advantage, positions in zip(completions, advantages.tolist(), token_sets):
-        if len(positions) == 0:  # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0)
-            continue
+    # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0)
+    kept = [i for i in range(group) if len(token_sets[i])]
+    loss, kl_sum, saved = 0.0, 0.0, 0
+    for start in range(0, len(kept), update_batch):
+        chunk = kept[start:start + update_batch]
+        chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
         with backward_memory(model) as held:
-            logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
+            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature, full_logits)
         saved = max(saved, held["bytes"])
-        ref_logp = None
+        ref_logps = [None] * len(chunk)
         if beta:
             with torch.no_grad(), model.disable_adapter():  # pi_ref: the base model, never updated (§3.2)
-                ref_logp = completion_logprobs(model, prompt, completion, positions, temperature, full_logits)
-            kl_sum += float(kl_estimate(logp.detach(), ref_logp).sum())
-        term = -sgrpo_objective(logp, ref_logp, advantage, beta) * scale / group
+                ref_logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature,
+                                                full_logits)
+            kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
+        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
+        term = term * scale / group
         term.backward()
         loss += float(term.detach())
-        n_tokens += len(positions)
+    n_tokens = sum(len(token_sets[i]) for i in kept)
     return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens, "saved_bytes": saved}
 
 
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
                  lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
-                 full_logits: bool = False) -> dict:
+                 full_logits: bool = False, update_batch: int = 1) -> dict:
     """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
 
     Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
     such pair. Returns the loss, the counts of unique and non-zero-advantage pairs (the loss tokens) and the most
-    bytes one completion held for backward.
+    bytes one pass held for backward.
     """
     # |U| counts every unique (prefix, token) pair of the group, zero-advantage ones included
     n_unique = int(first.sum())
     active = first & (adv != 0)  # (G, T): the pairs that need the model
+    holders = active.any(dim=1).nonzero()[:, 0].tolist()
     loss, saved = 0.0, 0
-    for i in active.any(dim=1).nonzero()[:, 0].tolist():
-        positions = active[i].nonzero()[:, 0]
+    for start in range(0, len(holders), update_batch):
+        chunk = holders[start:start + update_batch]
+        chunk_sets = [active[i].nonzero()[:, 0] for i in chunk]
         with backward_memory(model) as held:
-            logp = completion_logprobs(model, prompt, completions[i], positions, temperature, full_logits)
+            logps = completion_logprobs(model, prompt, [completions[i] for i in chunk], chunk_sets, temperature,
+                                        full_logits)
         saved = max(saved, held["bytes"])
-        term = -tspmo_objective(logp, adv[i, positions].to(logp.device), n_unique, use_logprob) * scale
+        term = -sum(tspmo_objective(lp, adv[i, pos].to(lp.device), n_unique, use_logprob)
+                    for i, pos, lp in zip(chunk, chunk_sets, logps)) * scale
         term.backward()
         loss += float(term.detach())
     penalty = lam * lora_l2(model) * scale
@@ -719,7 +743,7 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
     if cfg.algo == "tspmo":
         adv, first = tspmo_advantages(completions, rewards)
         stats = tspmo_update(model, prompt, completions, adv, first, cfg.lam, temperature, scale,
-                             cfg.tspmo_logprob, cfg.full_logits)
+                             cfg.tspmo_logprob, cfg.full_logits, cfg.update_batch)
         stats["nonzero_pairs"] = stats["loss_tokens"]
     else:
         advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
@@ -729,7 +753,7 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
             token_sets = [sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
                           for c in completions]
         stats = sgrpo_update(model, prompt, completions, advantages, token_sets, cfg.beta, temperature, scale,
-                             cfg.full_logits)
+                             cfg.full_logits, cfg.update_batch)
     stats.update(completions=completions, rewards=rewards, sampled_tokens=sum(map(len, completions)),
                  time_sample=t1 - t0, time_update=_sync_time() - t1)
     return stats
@@ -782,7 +806,8 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 # Checkpoints: the adapter (peft save_pretrained) plus one state dict with everything a resume needs
 
 # fields a resumed run may change without changing what it trains
-RESUMABLE = {"resume", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device"}
+RESUMABLE = {"resume", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
+             "update_batch"}
 
 
 def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
@@ -850,7 +875,7 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
         t1 = _sync_time()
         adv, first = tspmo_advantages(completions, rewards)
         update = tspmo_update(model, prompt + kept, completions, adv, first, cfg.lam, temperature, 1.0,
-                              cfg.tspmo_logprob, cfg.full_logits)
+                              cfg.tspmo_logprob, cfg.full_logits, cfg.update_batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats["replay/updates"] += 1
