@@ -41,15 +41,17 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_model(tokenizer, seed: int = 0, arch: str = "qwen2"):
+    """Random tiny Qwen2 (the paper's family) or Llama (SmolLM2's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = Qwen2ForCausalLM(config)
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
 
@@ -79,10 +81,10 @@ def svamp_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def lora_model(seed: int = 0, fraction: float = 1 / 3, rank: int = 4, randomise: bool = True):
+def lora_model(seed: int = 0, fraction: float = 1 / 3, rank: int = 4, randomise: bool = True, arch: str = "qwen2"):
     """Tiny model with LoRA; B randomised so the adapter changes the policy (B = 0 would make pi = pi_ref)."""
     tokenizer = build_tokenizer()
-    model = tokenrl.add_lora(build_model(tokenizer, seed), rank, fraction, float(rank), ["q_proj", "v_proj"])
+    model = tokenrl.add_lora(build_model(tokenizer, seed, arch), rank, fraction, float(rank), ["q_proj", "v_proj"])
     if randomise:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -408,6 +410,26 @@ def test_logits_only_at_loss_positions_and_no_grad_below_lora():
     assert head_rows == [2]  # the head saw 2 hidden states, not (P + T)
     first_lora = tokenrl.lora_layers(N_LAYERS, 1 / 4)[0]
     assert [layer_grad[i] for i in range(N_LAYERS)] == [i >= first_lora for i in range(N_LAYERS)]
+
+
+@pytest.mark.parametrize("arch, fraction", [("qwen2", 1 / 4), ("llama", 1 / 2), ("qwen2", 1.0)])
+def test_reference_pass_from_the_first_lora_layer_equals_a_whole_pass(arch, fraction):
+    model, tokenizer = lora_model(seed=11, fraction=fraction, arch=arch)
+    prompt, completions = example_group(tokenizer)
+    positions = [torch.arange(len(c)) for c in completions]
+    layer_calls = []
+    for layer in model.get_base_model().model.layers:
+        layer.register_forward_hook(lambda m, args, out: layer_calls.append(1))
+    logps, ref_logps = tokenrl.logprobs_and_reference(model, prompt, completions, positions, 0.3)
+    first = tokenrl.lora_layers(N_LAYERS, fraction)[0]
+    assert len(layer_calls) == N_LAYERS + (N_LAYERS - first)  # the reference pass ran the adapted layers only
+    assert len(model.get_base_model().model.layers) == N_LAYERS  # and the body got all its layers back
+    for completion, logp, ref in zip(completions, logps, ref_logps):
+        torch.testing.assert_close(logp, full_logprobs(model, prompt, completion, 0.3), atol=1e-5, rtol=0)
+        with torch.no_grad(), model.disable_adapter():
+            torch.testing.assert_close(ref, full_logprobs(model, prompt, completion, 0.3), atol=1e-5, rtol=0)
+        assert logp.requires_grad and not ref.requires_grad
+        assert float((logp - ref).abs().max()) > 1e-3  # the adapter matters, so the check can tell them apart
 
 
 def test_backward_memory_grows_with_the_loss_positions():

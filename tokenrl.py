@@ -596,13 +596,15 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
-                        temperature: float = 1.0, full_logits: bool = False) -> list[torch.Tensor]:
+                        temperature: float = 1.0, full_logits: bool = False,
+                        inputs_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
     """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
 
     positions[i] (N_i >= 1 positions) picks the tokens of completions[i]. Each row runs over the prompt and its
     completion only up to the last position needed (causal attention makes the rest irrelevant); the output head
     runs only at the sum(N_i) picked positions, so no (B, T, V) logits exist. full_logits does it the usual way
-    instead (log-softmax over every position, then pick), to measure what the gather saves.
+    instead (log-softmax over every position, then pick), to measure what the gather saves. inputs_embeds, if
+    given, is what the body starts from instead of the token embeddings (see logprobs_and_reference).
     """
     device = next(model.parameters()).device
     inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
@@ -620,10 +622,45 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
         logp = torch.log_softmax(logits, dim=-1)[batch, rows_at].gather(1, targets[:, None])[:, 0]  # (N,)
     else:
         body, head = body_and_head(model)
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
+        start = dict(input_ids=ids) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds)
+        hidden = body(**start, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
         logits = head(hidden).float() / temperature  # (N, V)
         logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
     return list(logp.split([len(pos) for pos in positions]))
+
+
+def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
+                           temperature: float = 1.0, full_logits: bool = False
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """log pi_theta (with gradient) and log pi_ref (without) at the given positions: [(N_i,)] each (Eq. 4's inputs).
+
+    pi_ref is the model with its adapter off, which below the first LoRA layer is the policy itself; so pi_ref's
+    pass starts from the hidden state that the policy's pass had entering that layer and runs only the adapted
+    layers (the last quarter for mult). That relies on a Llama/Qwen2-style body (embeddings, `layers`, final
+    norm); the tests check it against a whole reference pass.
+    """
+    if full_logits:  # the usual way, for comparison: two whole passes
+        logps = completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
+        with torch.no_grad(), model.disable_adapter():
+            return logps, completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
+    body, _ = body_and_head(model)
+    layers = body.layers
+    first = next(i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters()))
+    entering = []
+    hook = layers[first].register_forward_pre_hook(
+        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        logps = completion_logprobs(model, prompt, completions, positions, temperature)
+    finally:
+        hook.remove()
+    with torch.no_grad(), model.disable_adapter():
+        body.layers = layers[first:]
+        try:
+            ref_logps = completion_logprobs(model, prompt, completions, positions, temperature,
+                                            inputs_embeds=entering[0])
+        finally:
+            body.layers = layers
+    return logps, ref_logps
 
 
 @contextlib.contextmanager
@@ -671,14 +708,14 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
         chunk = kept[start:start + update_batch]
         chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
         with backward_memory(model) as held:
-            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature, full_logits)
+            if beta:  # pi_ref: the base model, never updated (§3.2)
+                logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets, temperature,
+                                                          full_logits)
+                kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
+            else:
+                logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature, full_logits)
+                ref_logps = [None] * len(chunk)
         saved = max(saved, held["bytes"])
-        ref_logps = [None] * len(chunk)
-        if beta:
-            with torch.no_grad(), model.disable_adapter():  # pi_ref: the base model, never updated (§3.2)
-                ref_logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature,
-                                                full_logits)
-            kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
         term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
         term = term * scale / group
         term.backward()
