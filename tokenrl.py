@@ -29,6 +29,8 @@ numbers, and can be copied out on its own. Where the paper is silent we chose, a
   9. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
      Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
  10. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
+ 11. Every algorithm's update runs one completion per forward/backward pass, §3.4's accumulation for GRPO, which
+     holds the least memory; --update-batch N puts N completions in a pass (the gradient is the same).
 """
 import argparse
 import contextlib
@@ -117,9 +119,9 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     full_logits: bool = field(default=False, metadata={
         "help": "compute logits at every position (to measure what the gather saves)"})
-    update_batch: int | None = field(default=None, metadata={
-        "help": "completions per forward/backward pass of the update (default: GRPO 1, §3.4's accumulation; "
-                "S-GRPO and T-SPMO 8); lower it to save memory, the gradient is the same"})
+    update_batch: int = field(default=1, metadata={
+        "help": "completions per forward/backward pass of the update (§3.4: one at a time); more can be faster on "
+                "a GPU and hold more memory, the gradient is the same"})
 
 
 # §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
@@ -148,9 +150,6 @@ def resolve_config(cfg: Config) -> Config:
         cfg.steps = defaults["steps"][cfg.algo]
     if cfg.group_size is None:
         cfg.group_size = 50 if cfg.algo == "tspmo" else 8
-    if cfg.update_batch is None:
-        # the paper accumulates one completion at a time only for GRPO (§3.4); 8 is S-GRPO's whole group
-        cfg.update_batch = 1 if cfg.algo == "grpo" else 8
     if cfg.digits_b is None:
         cfg.digits_b = cfg.digits
     if cfg.lora_alpha is None:
@@ -686,9 +685,9 @@ def backward_memory(model):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Updates. Each accumulates the gradient of -J over passes of `update_batch` completions: GRPO one at a time
-# (§3.4's accumulation, so memory holds one completion's activations), S-GRPO and T-SPMO a group of them per pass,
-# which their few loss tokens afford. Only at the loss positions does the head produce logits.
+# Updates. Each accumulates the gradient of -J over passes of `update_batch` completions (by default one at a time,
+# as §3.4 does for GRPO, so memory holds one completion's activations). Only at the loss positions does the head
+# produce logits.
 
 
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
