@@ -644,7 +644,8 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
             return logps, completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
     body, _ = body_and_head(model)
     layers = body.layers
-    first = next(i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters()))
+    first = next((i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())),
+                 0)  # no adapted layer (LoRA elsewhere): start from the embeddings, a whole pass
     entering = []
     hook = layers[first].register_forward_pre_hook(
         lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
