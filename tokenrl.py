@@ -72,10 +72,12 @@ class Config:
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (§4.1: float32)"})
     # tasks
     digits: int = field(default=3, metadata={"help": "mult: digits of the first operand (§4.1: 3, i.e. 101..999)"})
-    digits_b: int | None = field(default=None, metadata={"help": "mult: digits of the second operand (default: --digits)"})
+    digits_b: int | None = field(default=None, metadata={
+        "help": "mult: digits of the second operand (default: --digits)"})
     test_size: int | None = field(default=None, metadata={"help": "test problems (default: SVAMP 300, mult 3000)"})
     # sampling (§4.1)
-    group_size: int | None = field(default=None, metadata={"help": "|G| completions per prompt (default: 8; T-SPMO 50)"})
+    group_size: int | None = field(default=None, metadata={
+        "help": "|G| completions per prompt (default: 8; T-SPMO 50)"})
     temperature: float = field(default=0.3, metadata={"help": "sampling temperature (§4.1)"})
     max_new_tokens: int = field(default=300, metadata={"help": "completion length limit (§4.1)"})
     logp_temperature: bool = field(default=True, metadata={
@@ -981,7 +983,8 @@ def train(cfg: Config) -> dict:
         if checkpoint is None:
             raise ConfigError(f"no checkpoint in {out / 'checkpoints'} to resume from; drop --resume")
         step, replay = load_checkpoint(model, optimizer, checkpoint, cfg)
-        kept = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics.exists() else []
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        kept = [l for l in lines if json.loads(l)["step"] <= step]
         metrics.write_text("".join(l + "\n" for l in kept))  # drop rows logged after the checkpoint
         print(f"resuming {out} from step {step}")
     out.mkdir(parents=True, exist_ok=True)
