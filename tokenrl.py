@@ -722,7 +722,7 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
         term = term * scale / group
         term.backward()
         loss += float(term.detach())
-    n_tokens = sum(len(token_sets[i]) for i in kept)
+    n_tokens = sum(map(len, token_sets))
     return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens, "saved_bytes": saved}
 
 
