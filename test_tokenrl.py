@@ -41,8 +41,8 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, arch: str = "qwen2"):
-    """Random tiny Qwen2 (the paper's family) or Llama (SmolLM2's)."""
+def build_model(tokenizer, seed: int = 0, arch: str = "qwen2", **extra):
+    """Random tiny Qwen2 (the paper's family) or Llama (SmolLM2's); `extra` goes to the config."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def build_model(tokenizer, seed: int = 0, arch: str = "qwen2"):
     config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                           tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **extra)
     model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
@@ -81,10 +81,12 @@ def svamp_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def lora_model(seed: int = 0, fraction: float = 1 / 3, rank: int = 4, randomise: bool = True, arch: str = "qwen2"):
+def lora_model(seed: int = 0, fraction: float = 1 / 3, rank: int = 4, randomise: bool = True, arch: str = "qwen2",
+               **extra):
     """Tiny model with LoRA; B randomised so the adapter changes the policy (B = 0 would make pi = pi_ref)."""
     tokenizer = build_tokenizer()
-    model = tokenrl.add_lora(build_model(tokenizer, seed, arch), rank, fraction, float(rank), ["q_proj", "v_proj"])
+    model = tokenrl.add_lora(build_model(tokenizer, seed, arch, **extra), rank, fraction, float(rank),
+                             ["q_proj", "v_proj"])
     if randomise:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -412,24 +414,41 @@ def test_logits_only_at_loss_positions_and_no_grad_below_lora():
     assert [layer_grad[i] for i in range(N_LAYERS)] == [i >= first_lora for i in range(N_LAYERS)]
 
 
-@pytest.mark.parametrize("arch, fraction", [("qwen2", 1 / 4), ("llama", 1 / 2), ("qwen2", 1.0)])
-def test_reference_pass_from_the_first_lora_layer_equals_a_whole_pass(arch, fraction):
-    model, tokenizer = lora_model(seed=11, fraction=fraction, arch=arch)
+# the sliding-window Qwen2 gives layers 4-7 a 3-token window, picked by layer index; LoRA sits on layers 6-7
+SLIDING = dict(use_sliding_window=True, sliding_window=3, max_window_layers=4)
+
+
+@pytest.mark.parametrize("arch, fraction, extra", [("qwen2", 1 / 4, {}), ("llama", 1 / 2, {}), ("qwen2", 1.0, {}),
+                                                   ("qwen2", 1 / 4, SLIDING), ("qwen2", 3 / 4, SLIDING)])
+def test_reference_pass_from_the_first_lora_layer_equals_a_whole_pass(arch, fraction, extra):
+    model, tokenizer = lora_model(seed=11, fraction=fraction, arch=arch, **extra)
     prompt, completions = example_group(tokenizer)
     positions = [torch.arange(len(c)) for c in completions]
-    layer_calls = []
-    for layer in model.get_base_model().model.layers:
-        layer.register_forward_hook(lambda m, args, out: layer_calls.append(1))
+    attention_calls = []
+    layers = model.get_base_model().model.layers
+    for layer in layers:
+        layer.self_attn.register_forward_hook(lambda m, args, out: attention_calls.append(1))
     logps, ref_logps = tokenrl.logprobs_and_reference(model, prompt, completions, positions, 0.3)
     first = tokenrl.lora_layers(N_LAYERS, fraction)[0]
-    assert len(layer_calls) == N_LAYERS + (N_LAYERS - first)  # the reference pass ran the adapted layers only
-    assert len(model.get_base_model().model.layers) == N_LAYERS  # and the body got all its layers back
+    assert len(attention_calls) == N_LAYERS + (N_LAYERS - first)  # the reference pass computed the adapted layers only
+    assert all("forward" not in layer.__dict__ for layer in layers)  # and every layer got its own forward back
     for completion, logp, ref in zip(completions, logps, ref_logps):
         torch.testing.assert_close(logp, full_logprobs(model, prompt, completion, 0.3), atol=1e-5, rtol=0)
         with torch.no_grad(), model.disable_adapter():
             torch.testing.assert_close(ref, full_logprobs(model, prompt, completion, 0.3), atol=1e-5, rtol=0)
         assert logp.requires_grad and not ref.requires_grad
         assert float((logp.detach() - ref).abs().max()) > 1e-3  # the adapter matters, so the check can tell them apart
+
+
+def test_sliding_window_changes_the_reference_so_the_check_above_can_fail():
+    # the same weights without the window give other log-probs: a reference that mixed up the layers' windows
+    # would be caught by test_reference_pass_from_the_first_lora_layer_equals_a_whole_pass
+    windowed, tokenizer = lora_model(seed=11, fraction=1 / 4, **SLIDING)
+    full, _ = lora_model(seed=11, fraction=1 / 4)
+    prompt, completions = example_group(tokenizer)
+    with torch.no_grad(), windowed.disable_adapter(), full.disable_adapter():
+        gap = (full_logprobs(windowed, prompt, completions[1]) - full_logprobs(full, prompt, completions[1])).abs()
+    assert float(gap.max()) > 1e-3
 
 
 def test_backward_memory_grows_with_the_loss_positions():
@@ -654,6 +673,49 @@ def test_cut_at_stop_is_by_position_when_pad_equals_eos():
     assert tokenrl.cut_at_stop([5, 6, 7], [2]) == [5, 6, 7]
     assert tokenrl.cut_at_stop([2, 2], [2, 9]) == [2]
     assert tokenrl.cut_at_stop([9, 2], [2, 9]) == [9]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a base model that runs past its turn: generate() appends the same tokens to every prompt."""
+
+    def __init__(self, tokens: list[int], eos: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokens = tokens
+        self.generation_config = type("GenerationConfig", (), {"eos_token_id": eos})()
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        return torch.cat([input_ids, torch.tensor([self.tokens] * len(input_ids))], dim=1)
+
+
+def test_chat_prompt_stops_at_the_templates_end_of_turn(tiny_dir, svamp_file):
+    tokenizer = build_tokenizer()  # ChatML whose EOS is <|endoftext|>, as Qwen2-1.5B base's
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    assert tokenrl.chat_end_of_turn(tokenizer) == im_end
+    run_on = tokenizer(" 12 * 5 = 60, so = 9022<|im_end|>\n<|im_start|>user\nWhat's 12 multiplied by 5?",
+                       add_special_tokens=False)["input_ids"]
+    model = ScriptedModel(run_on, eos)
+    prompt = tokenrl.encode_prompt("mult", tokenrl.Problem(tokenrl.mult_question(123, 456), 9022), tokenizer)
+    chat_stops = tokenrl.stop_token_ids(tokenizer, model, chat=True)
+    assert chat_stops == sorted([eos, im_end])
+    completions, rewards = tokenrl.sample_group(model, tokenizer, prompt, 9022, 2, 64, 0.3, chat_stops, eos)
+    assert completions[0][-1] == im_end and rewards == [1.0, 1.0]
+    # EOS alone lets the completion run into the next turn, whose last integer is 5
+    eos_stops = tokenrl.stop_token_ids(tokenizer, model)
+    assert eos_stops == [eos]
+    assert tokenrl.sample_group(model, tokenizer, prompt, 9022, 2, 64, 0.3, eos_stops, eos)[1] == [0.0, 0.0]
+    # the CLI's setup: the multiplication prompt goes through the template, SVAMP's plain prompt keeps EOS alone
+    for task, stops in [("mult", [eos, im_end]), ("svamp", [eos])]:
+        cfg = tokenrl.resolve_config(tokenrl.Config(task=task, model=tiny_dir, data=svamp_file, device="cpu"))
+        assert tokenrl.setup(cfg)[3] == sorted(stops)
+
+
+def test_template_that_ends_a_turn_with_plain_text_has_no_end_of_turn_token():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    assert tokenrl.chat_end_of_turn(tokenizer) is None
+    tokenizer.chat_template = None
+    assert tokenrl.chat_end_of_turn(tokenizer) is None
 
 
 def test_generate_uses_pure_temperature_sampling_and_left_padding():

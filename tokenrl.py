@@ -19,7 +19,8 @@ numbers, and can be copied out on its own. Where the paper is silent we chose, a
      equal Table 3's S-GRPO figure for multiplication (674.6 / 8 = 84.3 tokens per completion).
   4. Sampling is pure temperature sampling (no top-k, top-p or repetition penalty, whatever the model's
      generation_config says), so that the sampler is the policy the loss scores. Evaluation is greedy
-     (--eval-temperature).
+     (--eval-temperature). A completion also ends at the chat template's end-of-turn token when its prompt went
+     through the template (a base model's EOS is not the end of a chat turn); see chat_end_of_turn.
   5. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
      with lora_alpha = rank (scaling 1) and no dropout (--lora-alpha).
   6. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
@@ -235,9 +236,14 @@ def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
     """Token ids of a problem's prompt (App. A)."""
     if task == "svamp":
         return tokenizer(svamp_prompt(problem.question))["input_ids"]
-    uses_template = bool(tokenizer.chat_template)
     # a rendered chat template already holds any BOS the model wants
-    return tokenizer(mult_prompt(problem.question, tokenizer), add_special_tokens=not uses_template)["input_ids"]
+    return tokenizer(mult_prompt(problem.question, tokenizer),
+                     add_special_tokens=not uses_chat_template(task, tokenizer))["input_ids"]
+
+
+def uses_chat_template(task: str, tokenizer) -> bool:
+    """Whether the task's prompt goes through the tokenizer's chat template (App. A.1 does; A.2 is plain text)."""
+    return task == "mult" and bool(tokenizer.chat_template)
 
 
 def svamp_question(body: str, question: str) -> str:
@@ -539,9 +545,30 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     return model, tokenizer
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the model's generation EOS."""
-    ids = {tokenizer.eos_token_id}
+def chat_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message's content, or None.
+
+    A base model driven through a chat template (Qwen2-1.5B with ChatML) ends its turn with the template's token
+    (<|im_end|>), not with its EOS (<|endoftext|>). It is read from the template itself: render an assistant
+    message and take the token that follows its content, if that is a special token (a template that ends a turn
+    with plain text, such as a newline, has no such token).
+    """
+    if not tokenizer.chat_template:
+        return None
+    content = "tokenrl-end-of-turn-probe"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": content}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text.split(content, 1)[1] if content in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS, the model's generation EOS and, when the prompt went
+    through the chat template (`chat`), the template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None}
     generation_eos = model.generation_config.eos_token_id
     ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
     ids.discard(None)
@@ -597,15 +624,13 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
-                        temperature: float = 1.0, full_logits: bool = False,
-                        inputs_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+                        temperature: float = 1.0, full_logits: bool = False) -> list[torch.Tensor]:
     """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
 
     positions[i] (N_i >= 1 positions) picks the tokens of completions[i]. Each row runs over the prompt and its
     completion only up to the last position needed (causal attention makes the rest irrelevant); the output head
     runs only at the sum(N_i) picked positions, so no (B, T, V) logits exist. full_logits does it the usual way
-    instead (log-softmax over every position, then pick), to measure what the gather saves. inputs_embeds, if
-    given, is what the body starts from instead of the token embeddings (see logprobs_and_reference).
+    instead (log-softmax over every position, then pick), to measure what the gather saves.
     """
     device = next(model.parameters()).device
     inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
@@ -623,8 +648,7 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
         logp = torch.log_softmax(logits, dim=-1)[batch, rows_at].gather(1, targets[:, None])[:, 0]  # (N,)
     else:
         body, head = body_and_head(model)
-        start = dict(input_ids=ids) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds)
-        hidden = body(**start, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
         logits = head(hidden).float() / temperature  # (N, V)
         logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
     return list(logp.split([len(pos) for pos in positions]))
@@ -636,18 +660,16 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
     """log pi_theta (with gradient) and log pi_ref (without) at the given positions: [(N_i,)] each (Eq. 4's inputs).
 
     pi_ref is the model with its adapter off, which below the first LoRA layer is the policy itself; so pi_ref's
-    pass starts from the hidden state that the policy's pass had entering that layer and runs only the adapted
-    layers (the last quarter for mult). That relies on a Llama/Qwen2-style body (embeddings, `layers`, final
-    norm); the tests check it against a whole reference pass.
+    pass reuses the hidden state that the policy's pass had entering that layer and computes only the adapted
+    layers (the last quarter for mult). The tests check it against a whole reference pass.
     """
     if full_logits:  # the usual way, for comparison: two whole passes
         logps = completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
         with torch.no_grad(), model.disable_adapter():
             return logps, completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
-    body, _ = body_and_head(model)
-    layers = body.layers
+    layers = body_and_head(model)[0].layers
     first = next((i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())),
-                 0)  # no adapted layer (LoRA elsewhere): start from the embeddings, a whole pass
+                 0)  # no adapted layer (LoRA elsewhere): nothing to skip, a whole pass
     entering = []
     hook = layers[first].register_forward_pre_hook(
         lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
@@ -655,14 +677,34 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
         logps = completion_logprobs(model, prompt, completions, positions, temperature)
     finally:
         hook.remove()
-    with torch.no_grad(), model.disable_adapter():
-        body.layers = layers[first:]
-        try:
-            ref_logps = completion_logprobs(model, prompt, completions, positions, temperature,
-                                            inputs_embeds=entering[0])
-        finally:
-            body.layers = layers
+    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, first, entering[0]):
+        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature)
     return logps, ref_logps
+
+
+@contextlib.contextmanager
+def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor):
+    """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`.
+
+    Every layer keeps its index, so a body that picks each layer's mask by index (Qwen2's sliding-window
+    `layer_types`) still gives each layer its own; embeddings and masks are computed as usual.
+    """
+    saved = [layer.__dict__.get("forward") for layer in layers[:first]]  # accelerate may have set one
+    for layer in layers[:first]:
+        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+
+    def swap_in(module, args, kwargs):
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    swap = layers[first].register_forward_pre_hook(swap_in, with_kwargs=True)
+    try:
+        yield
+    finally:
+        swap.remove()
+        for layer, forward in zip(layers[:first], saved):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
 
 
 @contextlib.contextmanager
@@ -940,7 +982,7 @@ def setup(cfg: Config):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
-    stop_ids = stop_token_ids(tokenizer, model)
+    stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     return device, model, tokenizer, stop_ids, pad_id
 
