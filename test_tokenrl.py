@@ -1270,3 +1270,41 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
     ns = run_cells(notebook_cells("results.ipynb"), "results")
     assert set(ns["runs"]) == {"sgrpo", "tspmo"} and ns["base"] is None and ns["runs"]["tspmo"]["final"] is None
     assert len(ns["lines"]) == 4 and ns["lines"][3].startswith("| sgrpo | ")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# TRL: the subclasses of notebooks/trl.ipynb leave tokenrl.py's gradient
+
+
+def trl_library() -> dict:
+    """The `# library` cells of notebooks/trl.ipynb, executed: the TRL subclasses and their helpers."""
+    pytest.importorskip("trl", reason="trl not installed (pip install trl==1.16.0)")
+    namespace: dict = {"__name__": "trl_notebook"}
+    for index, source in enumerate(notebook_cells("trl.ipynb")):
+        if source.startswith("# library"):
+            exec(compile(source, f"trl.ipynb[cell {index}]", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_trl_subclass_step_leaves_tokenrls_gradient(algo, tmp_path):
+    library = trl_library()
+    model, tokenizer = lora_model(seed=5, fraction=1 / 4)
+    prompt, completions = example_group(tokenizer)
+    rewards = [tokenrl.reward(text, 5) for text in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    assert rewards == [1.0, 0.0, 1.0, 0.0]
+    eq6 = {"grpo": dict(alpha=16, k=16), "sgrpo": dict(alpha=2, k=4, p=0.5), "tspmo": {}}[algo]
+    beta = 0.0 if algo == "tspmo" else 0.01
+    expected = library["tokenrl_gradient"](algo, model, prompt, completions, rewards, beta, 0.01, **eq6)
+    trainer_class = library["TSPMOTrainer" if algo == "tspmo" else "SGRPOTrainer"]
+    method = dict(lam=0.01) if algo == "tspmo" else eq6
+    got = library["trl_step_gradient"](trainer_class, model, tokenizer, prompt, completions, 5, beta,
+                                       str(tmp_path / "subclass"), **method)
+    assert len(got) == len(expected) > 0
+    assert library["relative_difference"](got, expected) < 1e-4
+    if algo == "grpo":  # TRL's own GRPO (std + 1e-4, bias-corrected KL) does differ, so the check can tell
+        from trl import GRPOTrainer
+
+        own = library["trl_step_gradient"](GRPOTrainer, model, tokenizer, prompt, completions, 5, beta,
+                                           str(tmp_path / "own"), config=dict(use_bias_correction_kl=True))
+        assert library["relative_difference"](own, expected) > 1e-4
