@@ -922,10 +922,24 @@ def _sync_time() -> float:
     return time.perf_counter()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a step's peak: CUDA's allocator statistics, or on Linux the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with contextlib.suppress(OSError):  # not allowed here: the peak stays the process's peak so far
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set so far."""
+    """CUDA: peak allocated since the last reset; Linux: peak resident set since the last reset; other systems:
+    the process's peak resident set so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if os.path.exists("/proc/self/status"):
+        hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
+        if hwm:
+            return int(hwm[0].split()[1]) / 2 ** 10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
@@ -1156,8 +1170,7 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
 def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
                pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
     """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     # seeds derived from the step make a resumed run repeat the run it continues
     torch.manual_seed(cfg.seed * 1_000_003 + step_index)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
