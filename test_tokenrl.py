@@ -634,6 +634,30 @@ def test_replay_prefix_length_covers_the_generated_part():
     assert tokenrl.replay_prefix_length(1, rng) == 0
 
 
+@pytest.mark.parametrize("lam", [0.01, 0.0])
+def test_eq10_l2_term_alone_moves_lora_a_by_lr_while_b_stays_zero(monkeypatch, lam):
+    # LoRA as peft starts it (B = 0) and a group with no reward signal: Eq. 10's policy term has no gradient, so the
+    # L2 term is all the step sees. Adam's first step moves each A element by lr toward zero, however small lambda.
+    model, tokenizer = lora_model(seed=4, randomise=False)
+    eos = tokenizer.eos_token_id
+    completions = [tokenizer(text)["input_ids"] + [eos] for text in (" 54", " 55", " 5 7", " 12")]
+    monkeypatch.setattr(tokenrl, "sample_group", lambda *args: (completions, [0.0] * 4))
+    cfg = tokenrl.resolve_config(tokenrl.Config(algo="tspmo", task="mult", group_size=4, lam=lam, lr=1e-3,
+                                                replay_success=0))
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A." in n}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    row = tokenrl.train_step(model, tokenizer, [tokenrl.Problem(tokenrl.mult_question(7, 8), 56)], None, cfg, [eos],
+                             eos, optimizer, 0, torch.device("cpu"))
+    assert row["tspmo/nonzero_pairs"] == 0 and row["lora/norm_b"] == 0.0
+    a_after = {n: p.detach() for n, p in model.named_parameters() if "lora_A." in n}
+    for name, before in a_before.items():
+        grad = 2 * lam * before  # of lam * ||A||^2; Adam's first step is lr * g / (|g| + eps), about lr * sign(g)
+        torch.testing.assert_close(a_after[name], before - 1e-3 * grad / (grad.abs() + 1e-8), atol=1e-8, rtol=0)
+    norm_a = math.sqrt(sum(float(a.pow(2).sum()) for a in a_after.values()))
+    assert row["lora/norm_a"] == pytest.approx(norm_a) and row["lora/norm"] == pytest.approx(norm_a)
+    assert (norm_a < math.sqrt(sum(float(a.pow(2).sum()) for a in a_before.values()))) == (lam > 0)
+
+
 def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeypatch):
     model, tokenizer = lora_model(seed=9)
     eos = tokenizer.eos_token_id

@@ -1207,13 +1207,21 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
                 totals[key] += extra.pop(key)
             saved = max(saved, extra.pop("saved_bytes"))
             row.update(extra)
-    with torch.no_grad():
-        lora_norm = float(lora_l2(model).sqrt())
     row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
                 "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
                 "memory/peak_mb": round(peak_memory_mb(device), 1), "memory/backward_mb": round(saved / 2 ** 20, 2),
-                "lora/norm": lora_norm})
+                **lora_norms(model)})
     return row
+
+
+def lora_norms(model: torch.nn.Module) -> dict[str, float]:
+    """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
+    policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
+    with torch.no_grad():
+        squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
+                             if f"lora_{part}." in name) for part in "AB"}
+        total = float(lora_l2(model).sqrt())
+    return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
 
 
 def log_row(path: Path, row: dict) -> None:
