@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import tokenrl
@@ -810,7 +811,8 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
     assert len(predictions) == 8 and {"completion", "prediction", "correct"} <= set(json.loads(predictions[0]))
     assert json.loads((out / "final_eval.json").read_text())["n"] == 8
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    adapted = PeftModel.from_pretrained(base, str(out / "checkpoints" / "step_000002"))
+    with tokenrl.quiet_peft():
+        adapted = PeftModel.from_pretrained(base, str(out / "checkpoints" / "step_000002"))
     saved = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
     assert saved and (out / "checkpoints" / "step_000002" / "state.pt").exists()
     assert (out / "checkpoints" / "step_000001" / "state.pt").exists()  # the fallback if step 2's is damaged
@@ -1231,7 +1233,8 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
         trained = tokenrl.completion_logprobs(model, prompt, [completion], [positions], 0.3)[0]
     assert float((trained - start).abs().max()) > 1e-5  # the step moved the policy
     fresh, _ = tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
-    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
+    with tokenrl.quiet_peft():
+        reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
     with torch.no_grad():
         after = tokenrl.completion_logprobs(reloaded, prompt, [completion], [positions], 0.3)[0]
     torch.testing.assert_close(after, trained, atol=1e-5, rtol=0)
@@ -1272,28 +1275,58 @@ def test_walkthrough_runs_on_the_tiny_model(monkeypatch):
 
 
 def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypatch):
-    results = tmp_path / "results"
-    for algo in ("grpo", "sgrpo", "tspmo"):
-        assert run_cli("--algo", algo, "--task", "mult", "--model", tiny_dir, "--digits", 1, "--test-size", 6,
-                       "--steps", 3, "--max-new-tokens", 6, "--group-size", 3, "--eval-every", 2, "--eval-subset",
-                       3, "--out", results / algo) == 0
-    assert run_cli("--eval-only", "--task", "mult", "--model", tiny_dir, "--digits", 1, "--test-size", 6,
-                   "--max-new-tokens", 6, "--out", results / "base") == 0
-    monkeypatch.setenv("TOKENRL_RESULTS", str(results))
+    tiny = ["--task", "mult", "--model", tiny_dir, "--digits", 1, "--test-size", 6, "--steps", 3,
+            "--max-new-tokens", 6, "--group-size", 3, "--eval-every", 2, "--eval-subset", 3, "--temperature", 2.0]
+    setting = tmp_path / "results" / "tiny"
+    for name, extra in [("grpo-s0", ["--algo", "grpo"]), ("grpo-s1", ["--algo", "grpo", "--seed", 1]),
+                        ("sgrpo-s1", ["--algo", "sgrpo", "--seed", 1]), ("tspmo-s0", ["--algo", "tspmo", "--lam", 0]),
+                        ("tspmo-lam-s0", ["--algo", "tspmo", "--lam", 0.01])]:
+        assert run_cli(*tiny, *extra, "--out", setting / name) == 0
+    assert run_cli("--eval-only", *tiny[:8], "--max-new-tokens", 6, "--out", setting / "base") == 0
+    (tmp_path / "results" / "not-a-setting" / "notes").mkdir(parents=True)  # a folder with no runs is passed over
+    monkeypatch.setenv("TOKENRL_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("TOKENRL_FIGURE", str(tmp_path / "figure.png"))
     monkeypatch.chdir(Path(__file__).with_name("notebooks"))
     ns = run_cells(notebook_cells("results.ipynb"), "results")
-    assert set(ns["runs"]) == {"GRPO", "S-GRPO", "T-SPMO"}
-    assert (tmp_path / "figure.png").stat().st_size > 10_000
-    assert len(ns["lines"]) == 6 and ns["lines"][3].startswith("| GRPO | ")
+    groups = ns["settings"]["1-digit x 1-digit multiplication, 6 tokens"]["groups"]
+    # seeds of one method are grouped; T-SPMO's two lambdas are told apart by the flag that differs
+    assert {label: [r["folder"] for r in runs] for label, runs in groups.items()} == {
+        "GRPO": ["grpo-s0", "grpo-s1"], "S-GRPO": ["sgrpo-s1"], "T-SPMO, lam 0": ["tspmo-s0"],
+        "T-SPMO, lam 0.01": ["tspmo-lam-s0"]}
+    assert (tmp_path / "figure.png").stat().st_size > 10_000 and (tmp_path / "figure-lambda.png").exists()
+    assert [row.split(" | ")[1] for row in ns["table"][2:]] == ["base", "GRPO", "S-GRPO", "T-SPMO, lam 0",
+                                                                  "T-SPMO, lam 0.01"]
+
+    def correct(folder: str, name: str = "predictions_final.jsonl") -> list[float]:
+        return [float(json.loads(line)["correct"]) for line in (setting / folder / name).read_text().splitlines()]
+
+    # each paired difference is the mean over the shared seeds and problems, computed here from the predictions
+    found = {(a, b): (n_seeds, mean) for _, a, b, n_seeds, _, mean, _, _ in ns["pairs"]}
+    assert found[("GRPO", "S-GRPO")] == (1, pytest.approx(np.mean(np.subtract(correct("grpo-s1"), correct("sgrpo-s1")))))
+    base = correct("base", "predictions_eval.jsonl")
+    assert found[("GRPO", "base")] == (2, pytest.approx(np.mean([np.subtract(correct(f), base)
+                                                                  for f in ("grpo-s0", "grpo-s1")])))
+    assert found[("T-SPMO, lam 0", "T-SPMO, lam 0.01")][0] == 1 and ("S-GRPO", "T-SPMO, lam 0") not in found
+    # the bootstrap, checked where its distribution is known: one seed, differences (1, 0) -> means 0, 1/2, 1 with
+    # probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% points are 0 and 1; no difference -> [0, 0]
+    assert ns["paired_bootstrap"](np.array([[1, 0]]), np.array([[0, 0]])) == (0.5, 0.0, 1.0)
+    assert ns["paired_bootstrap"](np.ones((3, 50)), np.ones((3, 50))) == (0.0, 0.0, 0.0)
+    a, b = np.zeros((2, 400)), np.zeros((2, 400))
+    a[:, :200] = 1  # 50 points ahead on every seed: the interval is narrow and excludes 0
+    mean, low, high = ns["paired_bootstrap"](a, b)
+    assert mean == 0.5 and 0.4 < low < 0.5 < high < 0.6
+    a[1] = 0  # one seed at +100 problems, the other at 0: redrawing seeds widens the interval to nearly [0, 0.5]
+    mean, low, high = ns["paired_bootstrap"](a, b)
+    assert mean == 0.25 and low < 0.05 and high > 0.45
     # your own runs, one of them still training (no final evaluation yet, a torn last metrics line)
-    (results / "tspmo" / "final_eval.json").unlink()
-    with open(results / "tspmo" / "metrics.jsonl", "a") as f:
+    (setting / "tspmo-s0" / "final_eval.json").unlink()
+    with open(setting / "tspmo-s0" / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')
-    monkeypatch.setenv("TOKENRL_RUNS", f"{results / 'sgrpo'},{results / 'tspmo'}")
+    monkeypatch.setenv("TOKENRL_RUNS", f"{setting / 'sgrpo-s1'},{setting / 'tspmo-s0'}")
     ns = run_cells(notebook_cells("results.ipynb"), "results")
-    assert set(ns["runs"]) == {"sgrpo", "tspmo"} and ns["base"] is None and ns["runs"]["tspmo"]["final"] is None
-    assert len(ns["lines"]) == 4 and ns["lines"][3].startswith("| sgrpo | ")
+    groups = ns["settings"]["your runs"]["groups"]
+    assert set(groups) == {"S-GRPO", "T-SPMO"} and groups["T-SPMO"][0]["final"] is None
+    assert len(ns["table"]) == 3 and ns["table"][2].startswith("| your runs | S-GRPO | ")
 
 
 # ------------------------------------------------------------------------------------------------------------
