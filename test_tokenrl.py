@@ -1228,7 +1228,7 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
                                      torch.Generator().manual_seed(0), 1.0)
     optimizer.step()
     assert stats["loss_tokens"] > 0
-    model.save_pretrained(str(tmp_path / "adapter"))
+    tokenrl.save_adapter(model, tmp_path / "adapter")
     with torch.no_grad():
         trained = tokenrl.completion_logprobs(model, prompt, [completion], [positions], 0.3)[0]
     assert float((trained - start).abs().max()) > 1e-5  # the step moved the policy
