@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 import tokenrl
@@ -1302,7 +1302,8 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
 
     # each paired difference is the mean over the shared seeds and problems, computed here from the predictions
     found = {(a, b): (n_seeds, mean) for _, a, b, n_seeds, _, mean, _, _ in ns["pairs"]}
-    assert found[("GRPO", "S-GRPO")] == (1, pytest.approx(np.mean(np.subtract(correct("grpo-s1"), correct("sgrpo-s1")))))
+    grpo_minus_sgrpo = np.mean(np.subtract(correct("grpo-s1"), correct("sgrpo-s1")))
+    assert found[("GRPO", "S-GRPO")] == (1, pytest.approx(grpo_minus_sgrpo))
     base = correct("base", "predictions_eval.jsonl")
     assert found[("GRPO", "base")] == (2, pytest.approx(np.mean([np.subtract(correct(f), base)
                                                                   for f in ("grpo-s0", "grpo-s1")])))
