@@ -1283,6 +1283,10 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
                         ("tspmo-lam-s0", ["--algo", "tspmo", "--lam", 0.01])]:
         assert run_cli(*tiny, *extra, "--out", setting / name) == 0
     assert run_cli("--eval-only", *tiny[:8], "--max-new-tokens", 6, "--out", setting / "base") == 0
+    longer = tmp_path / "results" / "tiny-8"  # a second setting: no base model, no periodic evaluation
+    for algo in ("grpo", "tspmo"):
+        assert run_cli(*tiny[:8], "--steps", 2, "--max-new-tokens", 8, "--group-size", 3, "--eval-every", 0,
+                       "--temperature", 2.0, "--algo", algo, "--out", longer / f"{algo}-s0") == 0
     (tmp_path / "results" / "not-a-setting" / "notes").mkdir(parents=True)  # a folder with no runs is passed over
     monkeypatch.setenv("TOKENRL_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("TOKENRL_FIGURE", str(tmp_path / "figure.png"))
@@ -1293,9 +1297,14 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
     assert {label: [r["folder"] for r in runs] for label, runs in groups.items()} == {
         "GRPO": ["grpo-s0", "grpo-s1"], "S-GRPO": ["sgrpo-s1"], "T-SPMO, lam 0": ["tspmo-s0"],
         "T-SPMO, lam 0.01": ["tspmo-lam-s0"]}
+    assert list(ns["settings"]) == ["1-digit x 1-digit multiplication, 6 tokens",
+                                    "1-digit x 1-digit multiplication, 8 tokens"]
+    assert {label: [r["folder"] for r in runs] for label, runs in
+            ns["settings"]["1-digit x 1-digit multiplication, 8 tokens"]["groups"].items()} == {
+        "GRPO": ["grpo-s0"], "T-SPMO": ["tspmo-s0"]}
     assert (tmp_path / "figure.png").stat().st_size > 10_000 and (tmp_path / "figure-lambda.png").exists()
     assert [row.split(" | ")[1] for row in ns["table"][2:]] == ["base", "GRPO", "S-GRPO", "T-SPMO, lam 0",
-                                                                  "T-SPMO, lam 0.01"]
+                                                                  "T-SPMO, lam 0.01", "GRPO", "T-SPMO"]
 
     def correct(folder: str, name: str = "predictions_final.jsonl") -> list[float]:
         return [float(json.loads(line)["correct"]) for line in (setting / folder / name).read_text().splitlines()]
@@ -1308,6 +1317,7 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
     assert found[("GRPO", "base")] == (2, pytest.approx(np.mean([np.subtract(correct(f), base)
                                                                   for f in ("grpo-s0", "grpo-s1")])))
     assert found[("T-SPMO, lam 0", "T-SPMO, lam 0.01")][0] == 1 and ("S-GRPO", "T-SPMO, lam 0") not in found
+    assert found[("GRPO", "T-SPMO")][0] == 1 and ("T-SPMO", "base") not in found  # the second setting has no base
     # the bootstrap, checked where its distribution is known: one seed, differences (1, 0) -> means 0, 1/2, 1 with
     # probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% points are 0 and 1; no difference -> [0, 0]
     assert ns["paired_bootstrap"](np.array([[1, 0]]), np.array([[0, 0]])) == (0.5, 0.0, 1.0)
