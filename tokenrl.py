@@ -1217,10 +1217,11 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
     policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
-    with torch.no_grad():  # one pass over the weights, summed three ways
-        squares = {name: float(w.float().pow(2).sum()) for name, w in model.named_parameters() if "lora_" in name}
-    tags = {"lora/norm": "lora_", "lora/norm_a": "lora_A.", "lora/norm_b": "lora_B."}
-    return {key: math.sqrt(sum(square for name, square in squares.items() if tag in name)) for key, tag in tags.items()}
+    with torch.no_grad():
+        squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
+                             if f"lora_{part}." in name) for part in "AB"}
+        total = float(lora_l2(model).sqrt())
+    return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
 
 
 def log_row(path: Path, row: dict) -> None:
