@@ -357,8 +357,23 @@ def test_grpo_accumulation_equals_batched_loss():
         torch.testing.assert_close(accumulated[name], batched[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("full_logits", [False, True])
-def test_gathered_logprobs_equal_full_forward(full_logits):
+def naive_logprobs(model, prompt, completions, positions, temperature=1.0):
+    """The usual way, for comparison: logits and log-softmax at every position of each row, then pick."""
+    picked = []
+    for completion, pos in zip(completions, positions):
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float() / temperature  # (P + T, V)
+        every = torch.log_softmax(logits, -1)[len(prompt) - 1: -1]  # (T, V)
+        picked.append(every.gather(1, torch.tensor(completion)[:, None])[:, 0][pos])
+    return picked
+
+
+def naive_with_reference(model, *args):
+    logps = naive_logprobs(model, *args)
+    with torch.no_grad(), model.disable_adapter():
+        return logps, naive_logprobs(model, *args)
+
+
+def test_gathered_logprobs_equal_full_forward():
     model, tokenizer = lora_model(seed=2)
     prompt, completions = example_group(tokenizer)
     references = [full_logprobs(model, prompt, completion, 0.3) for completion in completions]
@@ -367,9 +382,9 @@ def test_gathered_logprobs_equal_full_forward(full_logits):
     every = [torch.arange(len(c)) for c in completions]
     # one completion per pass, then the whole group in one right-padded pass of unequal lengths
     for positions in (picked, every):
-        one_by_one = [tokenrl.completion_logprobs(model, prompt, [c], [pos], 0.3, full_logits)[0]
+        one_by_one = [tokenrl.completion_logprobs(model, prompt, [c], [pos], 0.3)[0]
                       for c, pos in zip(completions, positions)]
-        together = tokenrl.completion_logprobs(model, prompt, completions, positions, 0.3, full_logits)
+        together = tokenrl.completion_logprobs(model, prompt, completions, positions, 0.3)
         assert len({int(pos.max()) for pos in positions}) > 1
         for reference, pos, single, batched in zip(references, positions, one_by_one, together):
             torch.testing.assert_close(single, reference[pos], atol=1e-5, rtol=0)
@@ -377,21 +392,24 @@ def test_gathered_logprobs_equal_full_forward(full_logits):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
-def test_each_update_is_the_same_with_gathered_or_full_logits(algo):
+def test_each_update_is_the_same_with_gathered_or_full_logits(algo, monkeypatch):
     model, tokenizer = lora_model(seed=10)
     prompt, completions = example_group(tokenizer)
     rewards = [1.0, 0.0, 1.0, 0.0]
     results = []
     for full_logits in (False, True):
+        if full_logits:  # the naive baseline: every logit of every row, for the policy and the reference alike
+            monkeypatch.setattr(tokenrl, "completion_logprobs", naive_logprobs)
+            monkeypatch.setattr(tokenrl, "logprobs_and_reference", naive_with_reference)
         if algo == "tspmo":
             adv, first = tokenrl.tspmo_advantages(completions, rewards)
-            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, full_logits=full_logits)
+            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3)
         else:
             gen = torch.Generator().manual_seed(0)
             sets = [torch.arange(len(c)) if algo == "grpo" else
                     tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
             stats = tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor(rewards)),
-                                         sets, 0.01, 0.3, full_logits=full_logits)
+                                         sets, 0.01, 0.3)
         results.append((stats["loss"], grads(model)))
         zero_grads(model)
     (loss, gathered), (full_loss, full) = results
@@ -453,24 +471,37 @@ def test_sliding_window_changes_the_reference_so_the_check_above_can_fail():
     assert float(gap.max()) > 1e-3
 
 
-def test_backward_memory_grows_with_the_loss_positions():
+def test_backward_memory_grows_with_the_loss_positions(monkeypatch):
     model, tokenizer = lora_model(seed=8)
     prompt, completions = example_group(tokenizer)
     completion = completions[2]
 
-    def held(positions, full_logits=False):
-        stats = tokenrl.sgrpo_update(model, prompt, [completion], torch.tensor([1.0]), [positions], 0.0, 1.0,
-                                     full_logits=full_logits)
+    def held(positions):
+        with tokenrl.backward_memory(model) as tally:  # measurement wraps the update from outside
+            tokenrl.sgrpo_update(model, prompt, [completion], torch.tensor([1.0]), [positions], 0.0, 1.0)
         zero_grads(model)
-        return stats["saved_bytes"]
+        return tally["peak"]
 
     first_only, every = held(torch.tensor([0])), held(torch.arange(len(completion)))
-    every_full = held(torch.arange(len(completion)), full_logits=True)
+    monkeypatch.setattr(tokenrl, "completion_logprobs", naive_logprobs)
+    every_full = held(torch.arange(len(completion)))
     assert 0 < first_only < every < every_full
     # backward holds the (N, V) float32 log-softmax of the N loss positions; full logits hold all P + T rows
     vocab = len(tokenizer)
     assert every - first_only >= 4 * vocab * (len(completion) - 1)
     assert every_full - every >= 4 * vocab * (len(prompt) - 1)
+
+
+def test_backward_memory_is_the_largest_pass_not_the_sum():
+    model, tokenizer = lora_model(seed=8)
+    prompt, completions = example_group(tokenizer)
+    one = [completions[2]]
+    every = [torch.arange(len(completions[2]))]
+    with tokenrl.backward_memory(model) as single:
+        tokenrl.sgrpo_update(model, prompt, one, torch.tensor([1.0]), every, 0.0, 1.0)
+    with tokenrl.backward_memory(model) as repeated:  # the same completion three times: three equal passes
+        tokenrl.sgrpo_update(model, prompt, one * 3, torch.tensor([1.0, -1.0, 1.0]), every * 3, 0.0, 1.0)
+    assert repeated["peak"] == single["peak"] > 0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -669,7 +700,7 @@ def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeyp
     replay = {"problem": [0, 0], "completion": [torch.tensor(old), torch.tensor([eos])], "reward": [1.0, 0.0]}
     seen = []
 
-    def fake_generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id):
+    def fake_generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id, copies=1):
         seen.append((prompts[0], max_new_tokens))
         # two continuations end the answer as it is, two append a digit and spoil it
         return [[eos], [eos], tokenizer("7")["input_ids"] + [eos], tokenizer("7")["input_ids"] + [eos]]
@@ -694,24 +725,31 @@ def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeyp
 # Sampling
 
 
-def test_cut_at_stop_is_by_position_when_pad_equals_eos():
-    assert tokenrl.cut_at_stop([5, 6, 2, 2, 2], [2]) == [5, 6, 2]
-    assert tokenrl.cut_at_stop([5, 6, 7], [2]) == [5, 6, 7]
-    assert tokenrl.cut_at_stop([2, 2], [2, 9]) == [2]
-    assert tokenrl.cut_at_stop([9, 2], [2, 9]) == [9]
-
-
 class ScriptedModel(torch.nn.Module):
-    """Stands in for a base model that runs past its turn: generate() appends the same tokens to every prompt."""
+    """Stands in for a model: whatever the prompt, its t-th new token is tokens[t] (the last one from then on),
+    chosen by logits that put all the mass on it."""
 
-    def __init__(self, tokens: list[int], eos: int):
+    def __init__(self, tokens: list[int], eos: int, vocab: int = 100):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokens = tokens
+        self.tokens, self.vocab, self.config = tokens, vocab, None
         self.generation_config = type("GenerationConfig", (), {"eos_token_id": eos})()
 
-    def generate(self, input_ids, attention_mask, generation_config):
-        return torch.cat([input_ids, torch.tensor([self.tokens] * len(input_ids))], dim=1)
+    def forward(self, input_ids, attention_mask, cache=None, logits_to_keep=0, **kwargs):
+        prefill = attention_mask.shape[1] == input_ids.shape[1]  # a prompt starts over, a new token goes on
+        self.t = 0 if prefill else self.t + 1
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e9)
+        logits[:, :, self.tokens[min(self.t, len(self.tokens) - 1)]] = 0.0
+        return type("Output", (), {"logits": logits})()
+
+
+def test_completions_end_at_their_first_stop_token_when_pad_equals_eos():
+    # rows are cut by position at the first stop token, and a row that has stopped samples nothing more
+    eos = 2
+    assert tokenrl.generate(ScriptedModel([5, 6, eos, 7], eos), [[1, 3], [4]], 10, 0.0, [eos], eos) == [[5, 6, 2]] * 2
+    assert tokenrl.generate(ScriptedModel([5, 6, 7], eos), [[1]], 3, 1.0, [eos], eos) == [[5, 6, 7]]
+    assert tokenrl.generate(ScriptedModel([eos], eos), [[1]], 5, 0.0, [eos, 9], eos) == [[eos]]
+    assert tokenrl.generate(ScriptedModel([9, eos], eos), [[1]], 5, 0.0, [eos, 9], eos, copies=3) == [[9]] * 3
 
 
 def test_chat_prompt_stops_at_the_templates_end_of_turn(tiny_dir, svamp_file):
@@ -720,7 +758,7 @@ def test_chat_prompt_stops_at_the_templates_end_of_turn(tiny_dir, svamp_file):
     assert tokenrl.chat_end_of_turn(tokenizer) == im_end
     run_on = tokenizer(" 12 * 5 = 60, so = 9022<|im_end|>\n<|im_start|>user\nWhat's 12 multiplied by 5?",
                        add_special_tokens=False)["input_ids"]
-    model = ScriptedModel(run_on, eos)
+    model = ScriptedModel(run_on, eos, len(tokenizer))
     prompt = tokenrl.encode_prompt("mult", tokenrl.Problem(tokenrl.mult_question(123, 456), 9022), tokenizer)
     chat_stops = tokenrl.stop_token_ids(tokenizer, model, chat=True)
     assert chat_stops == sorted([eos, im_end])
@@ -820,7 +858,8 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
 
 def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
     common = ["--algo", "sgrpo", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens",
-              8, "--group-size", 4, "--eval-every", 0, "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05]
+              8, "--group-size", 4, "--eval-every", 0, "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05,
+              "--seed", 1]  # seed 1 draws a group with mixed rewards in step 2, so the adapter moves
     assert run_cli(*common, "--out", tmp_path / "straight", "--steps", 4) == 0
     assert run_cli(*common, "--out", tmp_path / "split", "--steps", 2) == 0
     assert run_cli(*common, "--out", tmp_path / "split", "--steps", 4, "--resume") == 0

