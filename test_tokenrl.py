@@ -6,13 +6,17 @@ Each equation is checked against hand-computed numbers or a brute-force computat
 command line is run end to end at tiny sizes. SVAMP tests use $SVAMP_JSON when it points at SVAMP.json, and skip
 otherwise.
 """
+import errno
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1108,18 +1112,25 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     (["--out", "@a_file", "--model", "@tiny", "--data", "@svamp", "--test-size", "8"], "cannot be written"),
     (["--model", "@empty_dir", "--data", "@svamp", "--test-size", "8"], "the folder holds no config.json"),
     (["--model", "missing.gguf", "--data", "@svamp", "--test-size", "8"], "no such file or folder"),
+    (["--eval-only", "--data", "@long", "--model", "@tiny", "--test-size", "8"], "exceeds the model's 1024-token"),
+    (["--data", "@svamp", "--model", "@tiny", "--test-size", "8", "--max-new-tokens", "2000"],
+     "plus --max-new-tokens 2000 exceeds the model's 1024-token context"),
+    (["--data", "@half", "--model", "@tiny", "--test-size", "8"], "record 3: Answer 2.5 is not a whole number"),
 ])
 def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file, tiny_dir):
     records = json.loads(Path(svamp_file).read_text())
     files = {"@svamp": svamp_file, "@tiny": tiny_dir, "@empty_dir": tmp_path / "empty_dir",
              "@a_file": tmp_path / "a_file", "@binary": tmp_path / "binary", "@empty": tmp_path / "empty.json",
-             "@infinity": tmp_path / "infinity.json", "@number_body": tmp_path / "number_body.json"}
+             "@infinity": tmp_path / "infinity.json", "@number_body": tmp_path / "number_body.json",
+             "@long": tmp_path / "long.json", "@half": tmp_path / "half.json"}
     files["@empty_dir"].mkdir()
     files["@a_file"].write_text("not a folder")
     files["@binary"].write_bytes(bytes(range(256)) * 4)
     files["@empty"].write_text("")
     files["@infinity"].write_text(json.dumps([{**r, "Answer": float("inf")} for r in records]))  # JSON's Infinity
     files["@number_body"].write_text(json.dumps([{**r, "Body": 5} for r in records]))
+    files["@long"].write_text(json.dumps([{**r, "Body": "x" * 100_000} if i % 4 == 0 else r for i, r in enumerate(records)]))
+    files["@half"].write_text(json.dumps([{**r, "Answer": 2.5} if i == 3 else r for i, r in enumerate(records)]))
     args = [str(files.get(a, a)) for a in args]
     out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp_path / "x"
     assert tokenrl.main(args + ([] if "--out" in args else ["--out", str(out)])) == 2
@@ -1184,6 +1195,153 @@ def test_kill_before_the_first_checkpoint_resumes_from_step_0(tmp_path, tiny_dir
     assert_same_run(straight, killed)
     assert run_cli("--resume", "--out", killed) == 0  # a finished run: nothing more, no second final row
     assert_same_run(straight, killed)
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+def wait_for(condition, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def step_rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_saves_like_ctrl_c_and_a_second_process_is_refused(signum, tmp_path, tiny_dir, svamp_file, capsys):
+    out = tmp_path / "run"
+    flags = [str(a) for a in small_run(tiny_dir, svamp_file, out, "--eval-every", 0)]
+    run = subprocess.Popen([sys.executable, "tokenrl.py", *flags, "--steps", "100000"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: step_rows(out) >= 2)  # two finished steps, far from --save-every 25
+        # a second process on the live folder, fresh or resuming: one line naming the folder, and nothing written
+        for extra in ([], ["--resume"]):
+            files = sorted(p.name for p in out.rglob("*"))
+            assert run_cli(*flags, "--steps", 5, *extra) == 2
+            assert capsys.readouterr().err.strip() == (f"tokenrl: error: {out} is in use by another tokenrl process; "
+                                                       "wait for it to end, or choose another --out")
+            assert sorted(p.name for p in out.rglob("*")) == files
+        os.kill(run.pid, signum)
+        assert run.wait(60) == 128 + signum
+    finally:
+        run.kill()
+    err = run.stderr.read().strip().splitlines()[-1]
+    steps = step_rows(out)
+    assert err == (f"{signal.Signals(signum).name}: saved {out / 'checkpoints' / f'step_{steps:06d}'} (step {steps}); "
+                   f"continue with: python tokenrl.py --resume --out {out}")
+    assert run_cli("--resume", "--out", out, "--steps", steps + 2) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "straight", "--eval-every", 0, "--steps", steps + 2)) == 0
+    assert_same_run(out, tmp_path / "straight")
+
+
+def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = tokenrl.save_checkpoint
+
+    def save_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's SIGTERM lands while Ctrl-C's save runs
+        return real_save(*args, **kwargs)
+
+    crash_on_call(monkeypatch, "train_on_problem", 3, KeyboardInterrupt)
+    monkeypatch.setattr(tokenrl, "save_checkpoint", save_and_signal)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 4, "--eval-every", 0))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"SIGINT: saved {out / 'checkpoints'}")
+    assert [p.name for p in tokenrl.checkpoints(out)] == ["step_000002"]
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", out) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "straight", "--steps", 4, "--eval-every", 0)) == 0
+    assert_same_run(out, tmp_path / "straight")
+
+
+def test_a_kill_while_loading_then_resume_finds_the_same_run(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    flags = ["--algo", "tspmo", "--task", "mult", "--digits", "1", "--model", tiny_dir, "--test-size", "4",
+             "--max-new-tokens", "6", "--group-size", "3", "--steps", "2", "--eval-every", "0", "--out", str(out)]
+    slow_loading = ("import sys, time, tokenrl; tokenrl.load_model = lambda *a: time.sleep(120); "
+                    f"tokenrl.main({flags!r})")
+    run = subprocess.Popen([sys.executable, "-c", slow_loading], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "config.json").exists())
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(60)
+    finally:
+        run.kill()
+    assert run_cli("--resume", "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["algo"], config["task"], config["group_size"]) == ("tspmo", "mult", 3)
+    assert [r["step"] for r in read_metrics(out) if "tspmo/unique_pairs" in r] == [1, 2]
+
+
+def test_an_edited_or_mixed_run_folder_gets_one_line(tmp_path, tiny_dir, svamp_file, capsys):
+    from transformers import AutoTokenizer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*small_run(tiny_dir, svamp_file, a, "--steps", 2, "--eval-every", 0, "--save-every", 1)) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, b, "--steps", 2, "--eval-every", 0, "--seed", 3)) == 0
+    capsys.readouterr()
+    config = json.loads((a / "config.json").read_text())
+
+    def refused(out: Path, *flags) -> str:
+        assert run_cli("--resume", "--out", out, "--steps", 3, *flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("tokenrl: error:")
+        return err.splitlines()[-1]
+
+    for field, value in [("algo", "tspmo"), ("lr", 0.5)]:  # config.json edited: it no longer matches the checkpoint
+        (a / "config.json").write_text(json.dumps({**config, field: value}))
+        assert f"was saved by another run (--{field} differ" in refused(a)
+    (a / "config.json").write_text(json.dumps(config))
+    shutil.copytree(a / "checkpoints", b / "checkpoints", dirs_exist_ok=True)  # another run's checkpoints
+    assert "(--seed differ" in refused(b)
+    for text in ("[]", "null", '"x"'):
+        (a / "config.json").write_text(text)
+        assert "is not a tokenrl config" in refused(a)
+    (a / "config.json").write_text(json.dumps(config))
+    (a / "metrics.jsonl").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(3000)))
+    assert "metrics.jsonl line 1 is not a metrics row" in refused(a)
+    # an adapter evaluated on another base model
+    other = tmp_path / "other"
+    build_model(build_tokenizer(), 1, head_dim=4).save_pretrained(other)  # q_proj 32 -> 16
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    assert run_cli("--eval-only", "--adapter", a / "adapter", "--model", other, "--data", svamp_file,
+                   "--test-size", 8, "--out", tmp_path / "eval") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tokenrl: error: --adapter") and "does not fit --model" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "writer's own error"])
+def test_a_full_disk_gets_one_line_and_resumes(failure, tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 2's checkpoint
+            if failure == "ENOSPC":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(tokenrl.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 3, "--eval-every", 0, "--save-every", 1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith(f"tokenrl: error: the disk holding {out} is full")
+    assert err[-1].endswith(f"free some space, then python tokenrl.py --resume --out {out}")
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", out) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "straight", "--steps", 3, "--eval-every", 0)) == 0
+    assert_same_run(out, tmp_path / "straight")
 
 
 def test_steps_0_then_resume_trains(tmp_path, tiny_dir, svamp_file):
@@ -1266,10 +1424,13 @@ def test_ctrl_c_while_loading_or_in_the_final_eval(tmp_path, tiny_dir, svamp_fil
     crash_on_call(monkeypatch, "load_model", 1, KeyboardInterrupt)
     assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 1)) == 130
     err = capsys.readouterr().err.strip()
-    assert err == "tokenrl: interrupted before anything was saved; run the same command again"
+    assert err == ("tokenrl: interrupted while loading or evaluating, before any training step; run the same "
+                   "command again")
+    assert not out.exists()  # and nothing is left behind: the same command starts afresh
     monkeypatch.undo()
     crash_on_call(monkeypatch, "generate", 1, KeyboardInterrupt)  # --eval-only's first batch
-    assert run_cli("--eval-only", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8) == 130
+    assert run_cli("--eval-only", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8,
+                   "--out", tmp_path / "eval") == 130
     monkeypatch.undo()
     crash_on_call(monkeypatch, "evaluate", 1, KeyboardInterrupt, lambda *a, **k: k.get("desc") == "final eval")
     with pytest.raises(SystemExit):

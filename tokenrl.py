@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import glob
 import importlib.util
 import inspect
@@ -50,6 +51,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -643,8 +645,10 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 def train(cfg: Config) -> dict:
     """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
     out = prepare_out(cfg)
+    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # before the slow loading
     train_set, test = load_task(cfg)
     device, model, tokenizer, stop_ids, pad_id = setup(cfg)
+    check_lengths(cfg.task, train_set + test, tokenizer, model, cfg.max_new_tokens)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
     model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, cfg.lora_targets.split(","))
     # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
@@ -654,7 +658,6 @@ def train(cfg: Config) -> dict:
     if any(row.get("eval/final") for row in rows):
         print(f"{out} is finished; raise --steps to train it further")
         return json.loads((out / "final_eval.json").read_text())
-    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics, undo = out / "metrics.jsonl", None
 
     def periodic_eval(at: int) -> None:
@@ -681,12 +684,15 @@ def train(cfg: Config) -> dict:
             if eval_due(step):
                 periodic_eval(step)
         return final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
-    except KeyboardInterrupt:
-        if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
-            rollback(model, optimizer, replay, undo)
-        path = save_checkpoint(model, optimizer, step, cfg, replay, out)
-        print(f"\ninterrupted: saved {path} (step {step}); continue with --resume --out {out}", file=sys.stderr)
-        raise SystemExit(130)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
+        with signals_ignored():  # a second signal must not cut the save short
+            if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
+                rollback(model, optimizer, replay, undo)
+            path = save_checkpoint(model, optimizer, step, cfg, replay, out)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"\n{signal.Signals(signum).name}: saved {path} (step {step}); continue with: python tokenrl.py "
+              f"--resume --out {out}", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
 
 # ===================== Part 2: the machinery. A first read can stop here: the paper is above. =====================
@@ -715,7 +721,13 @@ def svamp_question(body: str, question: str) -> str:
 
 def svamp_problems(records: list[dict]) -> list[Problem]:
     """SVAMP records (Body, Question, Answer) as Problems; every SVAMP answer is a whole number."""
-    return [Problem(svamp_question(r["Body"], r["Question"]), int(round(float(r["Answer"])))) for r in records]
+    problems = []
+    for index, r in enumerate(records):
+        answer = float(r["Answer"])
+        if answer != int(answer):  # App. B compares integers: 2.5 could never be matched, and must not become 2
+            raise ValueError(f"record {index}: Answer {r['Answer']} is not a whole number")
+        problems.append(Problem(svamp_question(r["Body"], r["Question"]), int(answer)))
+    return problems
 
 
 def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]:
@@ -1103,19 +1115,78 @@ def log_row(path: Path, row: dict) -> None:
 
 
 def prepare_out(cfg: Config) -> Path:
-    """The output folder, created and checked writable before the model loads."""
+    """The output folder, created, and refused when it already holds another run."""
     out = Path(cfg.out)
     if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def run_folder(out: Path):
+    """Hold an exclusive lock on the run folder while the run lives, so that a second process on it gets one line
+    instead of mixing its rows and files in. A folder that this call made is removed if the run stopped before
+    writing anything but its config (a kill leaves that config, so --resume finds the run it belongs to)."""
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tokenrl-write-test"
-        probe.write_text("")
-        probe.unlink()
+        lock = open(out / ".lock", "a")
     except OSError as error:
-        raise ConfigError(f"--out {cfg.out!r} cannot be written ({error.strerror or error}); choose another --out") \
+        raise ConfigError(f"--out {str(out)!r} cannot be written ({error.strerror or error}); choose another --out") \
             from None
-    return out
+    try:
+        try:
+            import fcntl  # Linux and macOS; elsewhere the folder is not locked
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
+                              "--out") from None
+        yield
+    finally:
+        lock.close()
+        if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:  # stopped before any result
+            for name in (".lock", "config.json"):
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler) or SIGHUP (a closed terminal): a run saves its last finished step, as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """SIGINT, SIGTERM and SIGHUP are ignored inside the block (the save after a first one)."""
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    saved = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def disk_full(error: BaseException, out: Path) -> bool:
+    """Whether a failed write met a full disk: ENOSPC, or a writer (torch.save, safetensors) that failed with its
+    own message on a disk with less than 1 MiB left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(out if out.exists() else ".").free < 2 ** 20
+    except OSError:
+        return False
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -1140,7 +1211,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | Non
     return final
 
 
-def load_checkpoint(model, optimizer, out: Path) -> tuple[int, dict | None] | None:
+def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None] | None:
     """Restore adapter and optimizer from the newest readable checkpoint: (step, replay), or None if there is none."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
@@ -1153,15 +1224,23 @@ def load_checkpoint(model, optimizer, out: Path) -> tuple[int, dict | None] | No
             print(f"{path.name} cannot be read ({type(error).__name__}); falling back to the checkpoint before it",
                   file=sys.stderr)
             continue
-        set_peft_model_state_dict(model, weights)
-        optimizer.load_state_dict(state["optimizer"])
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and state["config"].get(k) != v]
+        if changed:
+            raise ConfigError(f"{path} was saved by another run ({', '.join(f'--{k}' for k in changed)} differ from "
+                              f"{out / 'config.json'}); restore that run's config.json or use a new --out")
+        try:
+            set_peft_model_state_dict(model, weights)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ConfigError(f"{path} does not fit this model ({str(error).splitlines()[0][:120]}); use a new "
+                              "--out") from None
         return state["step"], state["replay"]
     return None
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of metrics.jsonl. A torn last line (a kill mid-write) is dropped; any other bad line is an error."""
-    text = path.read_text() if path.exists() else ""
+    text = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else ""
     lines = text.splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
@@ -1171,7 +1250,9 @@ def read_metrics(path: Path) -> list[dict]:
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
-        elif number == len(lines) and not text.endswith("\n"):  # every row is written with its newline
+        elif number == len(lines) and not text.endswith("\n") and (line.startswith('{"step": ')
+                                                                   or '{"step": '.startswith(line)):
+            # every row is written with its newline, and starts with its step: this one was cut short
             print(f"dropping the torn last line of {path}", file=sys.stderr)
         else:
             raise ConfigError(f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, "
@@ -1187,7 +1268,7 @@ def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | N
     """
     fresh = ({"problem": [], "completion": [], "reward": []}
              if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
-    found = load_checkpoint(model, optimizer, out) if cfg.resume else None
+    found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
     step, replay = found or (0, fresh)
     if not cfg.resume:
         return step, replay, []
@@ -1206,10 +1287,13 @@ def resume_config(given: dict) -> Config:
         return resolve_config(Config(**given))
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError(f"it holds a JSON {type(saved).__name__}, not an object")
         known = {f.name for f in dataclasses.fields(Config)}
         cfg = resolve_config(Config(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out}))
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{path} is not a tokenrl config ({error}); use a new --out") from None
+        raise ConfigError(f"{path} is not a tokenrl config ({str(error)[:120]}); restore it or use a new --out") \
+            from None
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k not in RESUMABLE and saved.get(k) != v]
     if changed:
@@ -1265,8 +1349,14 @@ def evaluate_only(cfg: Config) -> float:
     if cfg.adapter:
         from peft import PeftModel
 
-        with quiet_peft():
-            model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
+        try:
+            with quiet_peft():
+                model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
+        except (RuntimeError, ValueError, KeyError) as error:  # weights of another shape: another base model
+            raise ConfigError(f"--adapter {cfg.adapter!r} does not fit --model {cfg.model!r} "
+                              f"({str(error).strip().splitlines()[0][:120]}); pass the model it was trained on") \
+                from None
+    check_lengths(cfg.task, test, tokenizer, model, cfg.max_new_tokens)
     accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
                         cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_eval.jsonl"))
     result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
@@ -1350,6 +1440,17 @@ def resolve_config(cfg: Config) -> Config:
     return cfg
 
 
+def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_tokens: int) -> None:
+    """One line, before any work, when a prompt plus --max-new-tokens would not fit the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = sorted(problems, key=lambda problem: len(problem.question))[-8:]  # characters: a cheap first cut
+    length, problem = max(((len(encode_prompt(task, p, tokenizer)), p) for p in longest), key=lambda x: x[0])
+    if context and length + max_new_tokens > context:
+        raise ConfigError(f"a {length}-token prompt ({problem.question[:40]!r}...) plus --max-new-tokens "
+                          f"{max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
+                          "or leave that problem out of --data")
+
+
 def check_device(name: str) -> None:
     """A one-line error for a --device that torch does not know or that this machine does not have."""
     if name == "auto":
@@ -1391,19 +1492,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    handlers = {name: signal.signal(getattr(signal, name), raise_interrupted) for name in names}
+    cfg = None
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        if cfg.eval_only:
-            evaluate_only(cfg)
-        else:
-            train(cfg)
+        with run_folder(Path(cfg.out)):
+            if cfg.eval_only:
+                evaluate_only(cfg)
+            else:
+                train(cfg)
     except ConfigError as error:
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or evaluating only: a training run saves a checkpoint and says so
-        print("\ntokenrl: interrupted before anything was saved; run the same command again", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # while loading or evaluating only: a training run saves a checkpoint and says so
+        print("\ntokenrl: interrupted while loading or evaluating, before any training step; run the same command "
+              "again", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
+    except Exception as error:
+        if cfg is None or not disk_full(error, Path(cfg.out)):
+            raise
+        again = "run the same command again" if cfg.eval_only else f"python tokenrl.py --resume --out {cfg.out}"
+        print(f"tokenrl: error: the disk holding {cfg.out} is full ({type(error).__name__}); every finished step "
+              f"up to the last checkpoint is safe: free some space, then {again}", file=sys.stderr)
+        return 2
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
     return 0
 
 
