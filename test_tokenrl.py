@@ -7,6 +7,7 @@ command line is run end to end at tiny sizes. SVAMP tests use $SVAMP_JSON when i
 otherwise.
 """
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -186,7 +187,7 @@ def test_multiplication_sets_are_seeded_and_disjoint():
         assert tokenrl.mult_question(b, a) not in held_out and p.question not in held_out
     assert train[:100] == tokenrl.multiplication_train(3, 3, 100, seed=7, test=test)
     assert train != tokenrl.multiplication_train(3, 3, 5000, seed=8, test=test)
-    assert list(tokenrl.operand_range(1)) == list(range(2, 10))
+    assert {tokenrl.operand(random.Random(s), 1) for s in range(200)} == set(range(2, 10))
     with pytest.raises(tokenrl.ConfigError, match="lower --test-size"):
         tokenrl.multiplication_test(1, 1, 3000)
 
@@ -481,7 +482,7 @@ def test_backward_memory_grows_with_the_loss_positions(monkeypatch):
     completion = completions[2]
 
     def held(positions):
-        with tokenrl.backward_memory(model) as tally:  # measurement wraps the update from outside
+        with tokenrl.measured(model, 1.0) as tally:  # measurement wraps the update from outside
             tokenrl.sgrpo_update(model, prompt, [completion], torch.tensor([1.0]), [positions], 0.0, 1.0)
         zero_grads(model)
         return tally["peak"]
@@ -501,9 +502,9 @@ def test_backward_memory_is_the_largest_pass_not_the_sum():
     prompt, completions = example_group(tokenizer)
     one = [completions[2]]
     every = [torch.arange(len(completions[2]))]
-    with tokenrl.backward_memory(model) as single:
+    with tokenrl.measured(model, 1.0) as single:
         tokenrl.sgrpo_update(model, prompt, one, torch.tensor([1.0]), every, 0.0, 1.0)
-    with tokenrl.backward_memory(model) as repeated:  # the same completion three times: three equal passes
+    with tokenrl.measured(model, 1.0) as repeated:  # the same completion three times: three equal passes
         tokenrl.sgrpo_update(model, prompt, one * 3, torch.tensor([1.0, -1.0, 1.0]), every * 3, 0.0, 1.0)
     assert repeated["peak"] == single["peak"] > 0
 
@@ -676,9 +677,9 @@ def test_tspmo_advantages_hand_computed_trie():
                               [True, False, False]]
 
 
-@pytest.mark.parametrize("use_logprob, lam, update_batch", [(False, 0.01, 1), (True, 0.01, 1), (False, 0.0, 1),
-                                                            (False, 0.01, 2), (True, 0.01, 8)])
-def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, update_batch):
+@pytest.mark.parametrize("use_logprob, lam, pass_tokens", [(False, 0.01, 300), (True, 0.01, 300), (False, 0.0, 300),
+                                                            (False, 0.01, 0), (True, 0.01, 3)])
+def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pass_tokens):
     model, tokenizer = lora_model(seed=4)
     prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
     texts = [" 5 apples", " 5 pears", " 6 apples", " 5 apples", " 4"]
@@ -686,7 +687,7 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, update_batch):
     rewards = [1.0, 1.0, 0.0, 1.0, 0.0]
     adv, first = tokenrl.tspmo_advantages(completions, rewards)
     stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob,
-                                 update_batch=update_batch)
+                                 pass_tokens=pass_tokens)
     got = grads(model)
     zero_grads(model)
     # direct Eq. 10: every unique pair, each from a full forward of its completion
@@ -707,8 +708,8 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, update_batch):
     torch.testing.assert_close(torch.tensor(stats["loss"]), -objective.detach(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("update_batch", [1, 2])
-def test_tspmo_zero_advantage_pairs_cost_no_logits(update_batch):
+@pytest.mark.parametrize("pass_tokens", [300, 0])
+def test_tspmo_zero_advantage_pairs_cost_no_logits(pass_tokens):
     model, tokenizer = lora_model(seed=5)
     prompt = tokenizer("Q:")["input_ids"]
     # pairs with A != 0: only where the two groups of completions part ("x" vs "y" at t = 3)
@@ -720,12 +721,88 @@ def test_tspmo_zero_advantage_pairs_cost_no_logits(update_batch):
     lm.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     lm.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape),
                                    with_kwargs=True)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, update_batch=update_batch)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=pass_tokens)
     assert stats["loss_tokens"] == 2 and stats["unique_pairs"] == int(first.sum())
-    # one logit row per non-zero pair; completions 0 and 2 only, each up to t = 3, one or two per pass
-    passes = 2 // update_batch
-    assert rows == [update_batch] * passes
-    assert lengths == [torch.Size([update_batch, len(prompt) + 3])] * passes
+    # the two non-zero pairs ("abc" then x, "abc" then y) share their prefix: one pass over the prompt and "abc",
+    # and one logit row, at "c", for both
+    assert rows == [1]
+    assert lengths == [torch.Size([1, len(prompt) + 3])]
+
+
+def per_completion_tspmo(model, prompt, completions, adv, first, lam, temperature):
+    """Eq. 10 the way before packing, as the reference: each completion that holds a non-zero pair forwarded on its
+    own, prompt included, up to its last such pair."""
+    active = first & (adv != 0)
+    objective = -lam * sum(p.pow(2).sum() for n, p in model.named_parameters() if ".lora_" in n)
+    for i in active.any(dim=1).nonzero()[:, 0].tolist():
+        positions = active[i].nonzero()[:, 0]
+        logp = tokenrl.completion_logprobs(model, prompt, [completions[i]], [positions], temperature)[0]
+        objective = objective + (logp.exp() * adv[i, positions]).sum() / int(first.sum())
+    (-objective).backward()
+    return float(-objective)
+
+
+@pytest.mark.parametrize("attn, arch, extra", [("sdpa", "qwen2", {}), ("eager", "qwen2", {}), ("sdpa", "llama", {}),
+                                              ("eager", "qwen2", SLIDING)])
+def test_packed_trie_pass_equals_the_per_completion_update(attn, arch, extra):
+    model, tokenizer = lora_model(seed=18, fraction=1 / 2, arch=arch, attn_implementation=attn, **extra)
+    rng = random.Random(0)
+    prompt = tokenizer("Q: 3 x 4?")["input_ids"]
+    letters = tokenizer("abc")["input_ids"]
+    for trial in range(4):  # random tries over 3 tokens: shared prefixes, branch points, duplicates
+        completions = [[letters[j] for j in c] for c in random_group(rng, 8, vocab=3, max_len=7)]
+        rewards = [float(rng.random() < 0.5) for _ in completions]
+        adv, first = tokenrl.tspmo_advantages(completions, rewards)
+        reference = per_completion_tspmo(model, prompt, completions, adv, first, 0.01, 0.3)
+        expected = grads(model)
+        zero_grads(model)
+        for pass_tokens in (300, 4, 1, 0):  # one pass, several pieces of the trie, one path a pass
+            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, pass_tokens=pass_tokens)
+            assert stats["loss"] == pytest.approx(reference, abs=1e-6)
+            for name, grad in grads(model).items():
+                torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
+            zero_grads(model)
+
+
+def test_packed_pass_forwards_the_prompt_once_and_each_node_once():
+    model, tokenizer = lora_model(seed=19)
+    prompt = tokenizer("Q:")["input_ids"]
+    completions = [tokenizer(t)["input_ids"] for t in ["abx", "aby", "acx", "acy", "d"]]
+    adv, first = tokenrl.tspmo_advantages(completions, [1.0, 0.0, 1.0, 0.0, 0.0])
+    lengths = []
+    model.get_base_model().model.register_forward_hook(
+        lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=300)
+    assert lengths == [len(prompt) + 3]  # a, ab, ac: the parents of every non-zero pair, the prompt once
+    lengths.clear()
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=2)
+    assert lengths == [len(prompt) + 2, len(prompt) + 2]  # split by subtrees, "a" repeated in each
+
+
+def test_attention_without_custom_masks_falls_back_to_one_path_a_pass(monkeypatch, capsys, tiny_dir):
+    real = tokenrl.load_model
+
+    def flash(*args):
+        model, tokenizer = real(*args)
+        model.config._attn_implementation = "flash_attention_2"
+        return model, tokenizer
+
+    monkeypatch.setattr(tokenrl, "load_model", flash)
+    cfg = tokenrl.resolve_config(tokenrl.Config(algo="tspmo", task="mult", model=tiny_dir, device="cpu"))
+    model = tokenrl.setup(cfg)[1]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "flash_attention_2 takes no custom attention mask: T-SPMO forwards each path of its trie apart (sdpa or "
+        "eager attention packs them into one pass)")
+    assert tokenrl.pack_limit(cfg, model) == 0 and cfg.pack_tokens == cfg.max_new_tokens
+    # and one path a pass needs no mask at all: plain causal attention, as flash attention computes it
+    model, tokenizer = lora_model(seed=20)
+    masks = []
+    model.get_base_model().model.register_forward_hook(
+        lambda m, args, kwargs, out: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    completions = [tokenizer(t)["input_ids"] for t in ["abx", "aby", "acx", "acy"]]
+    adv, first = tokenrl.tspmo_advantages(completions, [1.0, 0.0, 1.0, 0.0])
+    tokenrl.tspmo_update(model, tokenizer("Q:")["input_ids"], completions, adv, first, 0.01, 1.0, pass_tokens=0)
+    assert len(masks) == 2 and masks == [None, None]
 
 
 def test_tspmo_all_equal_rewards_leave_only_the_l2_gradient():
@@ -768,7 +845,7 @@ def test_eq10_l2_term_alone_moves_lora_a_by_lr_while_b_stays_zero(monkeypatch, l
     model, tokenizer = lora_model(seed=4, randomise=False)
     eos = tokenizer.eos_token_id
     completions = [tokenizer(text)["input_ids"] + [eos] for text in (" 54", " 55", " 5 7", " 12")]
-    monkeypatch.setattr(tokenrl, "sample_group", lambda *args: (completions, [0.0] * 4))
+    monkeypatch.setattr(tokenrl, "sample_group", lambda *args, **kwargs: (completions, [0.0] * 4))
     cfg = tokenrl.resolve_config(tokenrl.Config(algo="tspmo", task="mult", group_size=4, lam=lam, lr=1e-3,
                                                 replay_success=0))
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A." in n}
@@ -809,7 +886,8 @@ def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeyp
     assert seen == [(prompt + old[:-1], 40 - (len(old) - 1))]  # restarted from prompt + prefix, within budget
     assert stats["replay/updates"] == 1 and stats["replay/prefix_len"] == len(old) - 1
     # rewards 1, 1, 0, 0 because the prefix " so it is 56" counts: the continuations' first tokens get A = +-0.5
-    assert stats["loss_tokens"] == 2 and stats["replay/skipped_success"] == 0
+    assert [g["loss_tokens"] for g in stats["groups"]] == [2] and stats["replay/skipped_success"] == 0
+    assert stats["groups"][0]["rewards"] == [1.0, 1.0, 0.0, 0.0]
     empty = tokenrl.replay_updates(model, tokenizer, [problem], {"problem": [0], "completion": [torch.tensor([eos])],
                                                                  "reward": [0.0]}, cfg, [eos], eos, optimizer,
                                    random.Random(0))
@@ -1116,6 +1194,11 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     (["--data", "@svamp", "--model", "@tiny", "--test-size", "8", "--max-new-tokens", "2000"],
      "plus --max-new-tokens 2000 exceeds the model's 1024-token context"),
     (["--data", "@half", "--model", "@tiny", "--test-size", "8"], "record 3: Answer 2.5 is not a whole number"),
+    (["--report-to", "mlflow"], "--report-to must be one of none, tensorboard, wandb, trackio"),
+    pytest.param(["--report-to", "trackio"], "--report-to trackio needs its package: pip install trackio",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio installed")),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+    (["--pack-tokens", "0"], "--pack-tokens must be >= 1"),
 ])
 def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file, tiny_dir):
     records = json.loads(Path(svamp_file).read_text())
@@ -1160,6 +1243,8 @@ def assert_same_run(a: Path, b: Path) -> None:
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in read_metrics(out)]
 
     assert rows(a) == rows(b)
+    samples = [(out / "samples.jsonl").read_text() if (out / "samples.jsonl").exists() else None for out in (a, b)]
+    assert samples[0] == samples[1]
     first, second = adapter_of(a), adapter_of(b)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -1342,6 +1427,114 @@ def test_a_full_disk_gets_one_line_and_resumes(failure, tmp_path, tiny_dir, svam
     assert run_cli("--resume", "--out", out) == 0
     assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "straight", "--steps", 3, "--eval-every", 0)) == 0
     assert_same_run(out, tmp_path / "straight")
+
+
+def test_health_metrics_hand_computed():
+    eos = 2
+    groups = [{"completions": [[5, 6, eos], [7, 8, 9], [eos]], "rewards": [1.0, 0.0, 0.0], "entropy_sum": 3.0,
+               "entropy_n": 2}, {"completions": [[5, eos], [6, eos]], "rewards": [1.0, 1.0], "entropy_sum": 0.0,
+                                 "entropy_n": 0}]
+    health = tokenrl.group_health(groups, [eos])
+    assert health["entropy"] == 1.5  # over the loss positions of both groups
+    assert health["completions/mean_length"] == pytest.approx(11 / 5)
+    assert health["completions/clipped_ratio"] == pytest.approx(1 / 5)  # [7, 8, 9] ran out of tokens
+    assert health["reward/std"] == pytest.approx((math.sqrt(1 / 3) + 0.0) / 2)  # each group's sample std, averaged
+    assert health["frac_reward_zero_std"] == 0.5
+    assert set(tokenrl.group_health(groups, [eos], "replay/")) == {"replay/" + k for k in health}
+
+
+def test_gradient_norm_before_the_step_and_clipping():
+    model, tokenizer = lora_model(seed=21)
+    prompt, completions = example_group(tokenizer)
+    sets = [torch.arange(len(c)) for c in completions]
+    advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    tokenrl.sgrpo_update(model, prompt, completions, advantages, sets, 0.0, 1.0)
+    before = {n: g.clone() for n, g in grads(model).items()}
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in before.values()))
+    assert tokenrl.gradient_norm(model, 0.0) == pytest.approx(norm, rel=1e-5)
+    assert all(torch.equal(before[n], g) for n, g in grads(model).items())  # 0: measured, not clipped
+    assert tokenrl.gradient_norm(model, norm / 4) == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, before[name] / 4, rtol=1e-4, atol=1e-9)
+
+
+def test_entropy_is_read_at_the_loss_positions_without_another_forward():
+    model, tokenizer = lora_model(seed=22)
+    prompt, completions = example_group(tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    sets = [tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
+    calls = []
+    model.get_base_model().model.register_forward_hook(lambda *args: calls.append(1))
+    with tokenrl.measured(model, 0.3) as tally:
+        tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor([1.0, 0, 1, 0])),
+                             sets, beta=0.01, temperature=0.3)
+    assert len(calls) == 2 * len(completions)  # the policy's and pi_ref's passes, nothing more
+    expected = []
+    with torch.no_grad():
+        for completion, positions in zip(completions, sets):
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1: -1] / 0.3
+            logp = torch.log_softmax(logits, -1)[positions]
+            expected += (-(logp.exp() * logp).sum(-1)).tolist()
+    assert tally["n"] == len(expected) == sum(map(len, sets))  # pi_ref's pass is not counted
+    assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_cli_logs_health_and_samples_that_resume_like_metrics(tmp_path, tiny_dir, svamp_file, monkeypatch):
+    flags = ["--algo", "tspmo", "--replay-success", 1, "--replay-fail", 1, "--eval-every", 0, "--sample-every", 2,
+             "--max-grad-norm", 0.5, "--group-size", 4]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, *flags, "--steps", 4)) == 0
+    steps = [r for r in read_metrics(straight) if "loss" in r]
+    for r in steps:
+        for key in ("completions/mean_length", "completions/clipped_ratio", "reward/std", "frac_reward_zero_std",
+                    "grad_norm"):
+            assert isinstance(r[key], float) and r[key] >= 0, key
+        assert 1 <= r["completions/mean_length"] <= 6
+        assert (r["entropy"] is None) == (r["tspmo/nonzero_pairs"] == 0) and (r["entropy"] or 1) > 0
+        if r["replay/updates"]:  # the replay groups' figures apart from the main group's
+            assert {"replay/completions/clipped_ratio", "replay/grad_norm", "replay/entropy"} <= r.keys()
+    samples = [json.loads(line) for line in (straight / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 4] and all(len(s["completions"]) == 4 for s in samples)
+    assert {"question", "answer"} <= samples[0].keys() and {"text", "reward"} == samples[0]["completions"][0].keys()
+    crash_on_call(monkeypatch, "train_on_problem", 4, Crash)  # killed in step 4, after step 2's samples
+    with pytest.raises(Crash):
+        run_cli(*small_run(tiny_dir, svamp_file, split, *flags, "--steps", 4, "--save-every", 1))
+    monkeypatch.undo()
+    assert run_cli("--resume", "--out", split) == 0
+    assert_same_run(straight, split)  # samples.jsonl included
+
+
+def test_report_to_tensorboard_writes_every_metric(tmp_path, tiny_dir, svamp_file):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 2, "--eval-every", 1,
+                              "--report-to", "tensorboard")) == 0
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(out)
+    for key in ("reward/mean", "tokens/loss", "grad_norm", "eval/accuracy"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(float(r[key]))) for r in rows if key in r and r[key] is not None]
+
+
+def test_report_to_wandb_or_trackio_sends_each_row(tmp_path, tiny_dir, svamp_file, monkeypatch):
+    import importlib.machinery
+    import types
+
+    sent = []
+    fake = types.ModuleType("wandb")  # wandb and trackio share init / log / finish
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: sent.append(("init", kwargs["config"]["algo"]))
+    fake.log = lambda values, step: sent.append((step, values))
+    fake.finish = lambda: sent.append("finish")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 2, "--eval-every", 0, "--report-to", "wandb")) == 0
+    rows = read_metrics(out)
+    assert sent[0] == ("init", "sgrpo") and sent[-1] == "finish" and len(sent) == len(rows) + 2
+    for (step, values), row in zip(sent[1:-1], rows):
+        assert step == row["step"] and values["reward/mean" if "loss" in row else "eval/accuracy"] == pytest.approx(
+            row["reward/mean" if "loss" in row else "eval/accuracy"])
 
 
 def test_steps_0_then_resume_trains(tmp_path, tiny_dir, svamp_file):
@@ -1662,6 +1855,8 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
             ns["settings"]["1-digit x 1-digit multiplication, 8 tokens"]["groups"].items()} == {
         "GRPO": ["grpo-s0"], "T-SPMO": ["tspmo-s0"]}
     assert (tmp_path / "figure.png").stat().st_size > 10_000 and (tmp_path / "figure-lambda.png").exists()
+    assert (tmp_path / "figure-health.png").stat().st_size > 10_000  # runs made here log the health metrics
+    assert set(ns["healthy"]) == set(ns["settings"])
     assert [row.split(" | ")[1] for row in ns["table"][2:]] == ["base", "GRPO", "S-GRPO", "T-SPMO, lam 0",
                                                                   "T-SPMO, lam 0.01", "GRPO", "T-SPMO"]
 

