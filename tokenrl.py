@@ -33,8 +33,10 @@ on its own. Where the paper is silent we chose, and each choice is a flag:
  12. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
      Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 14. Updates run one completion per forward/backward pass, §3.4's accumulation for GRPO, which holds the least
-     memory; --update-batch N puts N completions in a pass (the gradient is the same).
+ 14. GRPO and S-GRPO update one completion per forward/backward pass, §3.4's accumulation for GRPO, which holds the
+     least memory (--update-batch N puts N in a pass); T-SPMO runs the prompt and the trie nodes on the paths to its
+     non-zero pairs as one packed sequence, at most --pack-tokens nodes a pass. The gradient is the same either way.
+ 15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
 import argparse
 import contextlib
@@ -768,7 +770,7 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
             hub = datasets.load_dataset("ChilleD/SVAMP")
         except Exception as error:  # offline, or datasets missing: say what to do instead
             raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); pass --data PATH to "
-                              "a local SVAMP.json") from None
+                              "a local SVAMP.json (HF_HUB_OFFLINE=1 skips the hub's retries)") from None
         return svamp_problems(list(hub["train"])), svamp_problems(list(hub["test"]))[:test_size]
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -955,14 +957,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
     live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
     out: list[list[int]] = [[] for _ in range(len(live))]
+    stops = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]  # (B,)
+        if temperature > 0:  # inverse CDF: exactly softmax(logits / T), and far cheaper than multinomial on a CPU
+            cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # (B, V)
+            u = torch.rand(len(cdf), 1, dtype=torch.float64, device=device) * cdf[:, -1:]  # (B, 1)
+            token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)  # (B,)
         else:
             token = logits.argmax(dim=-1)
         for row, v in zip(live.tolist(), token.tolist()):
             out[row].append(v)
-        going = ~torch.isin(token, torch.tensor(stop_ids, device=device))
+        going = ~torch.isin(token, stops)
         if t == max_new_tokens - 1 or not going.any():
             break
         if not going.all():  # finished rows leave the batch and the cache
@@ -1182,7 +1187,7 @@ def run_folder(out: Path):
     """An exclusive lock on the run folder while the run lives: a second process gets one line, not a mixed folder.
     A folder made here is removed if the run stopped before writing more than its config (a kill leaves that config,
     so that --resume finds the run it belongs to)."""
-    made = not out.exists()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a")
@@ -1205,7 +1210,8 @@ def run_folder(out: Path):
         if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:
             for name in (".lock", "config.json"):
                 (out / name).unlink(missing_ok=True)
-            out.rmdir()
+            for folder in made:
+                folder.rmdir()
 
 
 class Interrupted(KeyboardInterrupt):
