@@ -951,8 +951,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5 calls the cache argument `cache`, transformers 4 `past_key_values`
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     cache = DynamicCache(config=getattr(model, "config", None))
-    logits = next_token_logits(model, ids, mask, position, cache).repeat_interleave(copies, 0)  # (B * copies, V)
+    logits = next_token_logits(model, ids, mask, position, {name: cache}).repeat_interleave(copies, 0)  # (B*copies, V)
     cache.batch_repeat_interleave(copies)
     mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
     live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
@@ -975,17 +978,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             cache.batch_select_indices(keep)
             live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
         mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
-        logits = next_token_logits(model, token[:, None], mask, position, cache)
+        logits = next_token_logits(model, token[:, None], mask, position, {name: cache})
     return out
 
 
-def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-    """The logits after the last of `ids` (B, W) -> (B, V), appending their keys and values to `cache`."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5 calls the cache argument `cache`, transformers 4 `past_key_values`
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                      cache: dict) -> torch.Tensor:
+    """The logits after the last of `ids` (B, W) -> (B, V); `cache` ({argument name: Cache}) gets their keys and
+    values."""
     return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
-                 **{name: cache}).logits[:, -1]
+                 **cache).logits[:, -1]
 
 
 # --- Attention for the reference shortcut and T-SPMO's packed trie ----------------------------------------------------
