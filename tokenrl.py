@@ -302,21 +302,19 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
     adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
     above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
     above |= {id(p) for p in model.get_output_embeddings().parameters()}
-    # LoRA below the first adapted layer (on the embeddings, say), or none: a whole pi_ref pass
-    if not adapted or any(id(p) not in above for name, p in model.named_parameters() if "lora_" in name):
-        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
-        with torch.no_grad(), model.disable_adapter():
-            return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    # no LoRA, or LoRA below the first adapted layer too (on the embeddings, say): a whole pi_ref pass
+    shortcut = bool(adapted) and all(id(p) in above for name, p in model.named_parameters() if "lora_" in name)
     entering = []
-    hook = layers[adapted[0]].register_forward_pre_hook(
-        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    hook = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
+        args[0] if args else kwargs["hidden_states"]), with_kwargs=True) if shortcut else None
     try:
         logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     finally:
-        hook.remove()
-    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, adapted[0], entering[0]):
-        ref_logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
-    return logps, ref_logps
+        if hook:
+            hook.remove()
+    skip = start_at_layer(layers, adapted[0], entering[0]) if shortcut else contextlib.nullcontext()
+    with torch.no_grad(), model.disable_adapter(), skip:
+        return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
 
 # --- The updates ------------------------------------------------------------------------------------------------------
 # Each accumulates the gradient of -J pass by pass (§3.4): `update_batch` completions, or a piece of T-SPMO's trie.
@@ -896,9 +894,9 @@ def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
     with torch.no_grad():
         squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
-                             if f"lora_{part}." in name) for part in "AB"}
-        total = float(lora_l2(model).sqrt())
-    return {"lora/norm": total, "lora/norm_a": math.sqrt(squares["A"]), "lora/norm_b": math.sqrt(squares["B"])}
+                             if re.search(rf"\.lora_(embedding_)?{part}\b", name)) for part in "AB"}  # as lora_l2
+    return {"lora/norm": math.sqrt(squares["A"] + squares["B"]), "lora/norm_a": math.sqrt(squares["A"]),
+            "lora/norm_b": math.sqrt(squares["B"])}
 
 def sync_time() -> float:
     """perf_counter after the GPU has finished its queued work, so timings measure the work."""
@@ -922,7 +920,8 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
 
 def open_tracker(cfg: Config, out: Path) -> tuple:
     """--report-to: (send a metrics row, close); both do nothing for none. wandb and trackio share init / log."""
-    numbers = lambda row: {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}  # noqa: E731
+    def numbers(row: dict) -> dict:
+        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"))
