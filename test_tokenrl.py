@@ -309,7 +309,7 @@ def test_sgrpo_gradient_matches_direct_policy_gradient(beta, update_batch):
     advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
     gen = torch.Generator().manual_seed(0)
     token_sets = [tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
-    stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, temperature=0.3,
+    stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, loss_temperature=0.3,
                                  update_batch=update_batch)
     got = grads(model)
     zero_grads(model)
@@ -337,7 +337,7 @@ def test_grpo_accumulation_equals_batched_loss():
     prompt, completions = example_group(tokenizer)
     advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
     every = [torch.arange(len(c)) for c in completions]
-    tokenrl.sgrpo_update(model, prompt, completions, advantages, every, beta=0.01, temperature=0.3)
+    tokenrl.sgrpo_update(model, prompt, completions, advantages, every, beta=0.01, loss_temperature=0.3)
     accumulated = grads(model)
     zero_grads(model)
     # batched: one right-padded forward over the whole group, masked by position
@@ -453,7 +453,7 @@ def test_reference_pass_from_the_first_lora_layer_equals_a_whole_pass(arch, frac
     layers = model.get_base_model().model.layers
     for layer in layers:
         layer.self_attn.register_forward_hook(lambda m, args, out: attention_calls.append(1))
-    logps, ref_logps = tokenrl.logprobs_and_reference(model, prompt, completions, positions, 0.3)
+    logps, ref_logps = tokenrl.reference_from_first_adapted_layer(model, prompt, completions, positions, 0.3)
     first = tokenrl.lora_layers(N_LAYERS, fraction)[0]
     assert len(attention_calls) == N_LAYERS + (N_LAYERS - first)  # the reference pass computed the adapted layers only
     assert all("forward" not in layer.__dict__ for layer in layers)  # and every layer got its own forward back
@@ -538,7 +538,7 @@ def test_logprobs_are_the_models_own_after_its_head(arch):
     model, tokenizer = other_lora_model(arch)
     prompt, completions = example_group(tokenizer)
     positions = [torch.arange(len(c)) for c in completions]
-    logps, refs = tokenrl.logprobs_and_reference(model, prompt, completions, positions, 0.3)
+    logps, refs = tokenrl.reference_from_first_adapted_layer(model, prompt, completions, positions, 0.3)
     lm = model.get_base_model()
     for completion, logp, ref in zip(completions, logps, refs):
         full = full_logprobs(model, prompt, completion, 0.3)
@@ -566,7 +566,7 @@ def test_reference_is_a_whole_pass_when_lora_sits_below_the_first_adapted_layer(
                 param.normal_(std=0.3)
     prompt, completions = example_group(tokenizer)
     positions = [torch.arange(len(c)) for c in completions]
-    _, refs = tokenrl.logprobs_and_reference(model, prompt, completions, positions, 0.3)
+    _, refs = tokenrl.reference_from_first_adapted_layer(model, prompt, completions, positions, 0.3)
     for completion, ref in zip(completions, refs):
         with torch.no_grad(), model.disable_adapter():
             torch.testing.assert_close(ref, full_logprobs(model, prompt, completion, 0.3), atol=1e-5, rtol=0)
@@ -589,7 +589,7 @@ def test_an_empty_token_set_still_counts_in_one_over_g():
     prompt, completions = example_group(tokenizer)
     advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
     sets = [torch.tensor([0, 2]), torch.tensor([], dtype=torch.long), torch.arange(3), torch.tensor([1])]
-    tokenrl.sgrpo_update(model, prompt, completions, advantages, sets, beta=0.0, temperature=1.0)
+    tokenrl.sgrpo_update(model, prompt, completions, advantages, sets, beta=0.0, loss_temperature=1.0)
     got = grads(model)
     zero_grads(model)
     # Eq. 5 by hand: 1/|G| with |G| = 4, the empty T_i adding 0 (not 1/3 over the three non-empty ones)
@@ -677,9 +677,9 @@ def test_tspmo_advantages_hand_computed_trie():
                               [True, False, False]]
 
 
-@pytest.mark.parametrize("use_logprob, lam, pass_tokens", [(False, 0.01, 300), (True, 0.01, 300), (False, 0.0, 300),
+@pytest.mark.parametrize("use_logprob, lam, pack_tokens", [(False, 0.01, 300), (True, 0.01, 300), (False, 0.0, 300),
                                                             (False, 0.01, 0), (True, 0.01, 3)])
-def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pass_tokens):
+def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pack_tokens):
     model, tokenizer = lora_model(seed=4)
     prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
     texts = [" 5 apples", " 5 pears", " 6 apples", " 5 apples", " 4"]
@@ -687,7 +687,7 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pass_tokens):
     rewards = [1.0, 1.0, 0.0, 1.0, 0.0]
     adv, first = tokenrl.tspmo_advantages(completions, rewards)
     stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob,
-                                 pass_tokens=pass_tokens)
+                                 pack_tokens=pack_tokens)
     got = grads(model)
     zero_grads(model)
     # direct Eq. 10: every unique pair, each from a full forward of its completion
@@ -708,8 +708,8 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pass_tokens):
     torch.testing.assert_close(torch.tensor(stats["loss"]), -objective.detach(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pass_tokens", [300, 0])
-def test_tspmo_zero_advantage_pairs_cost_no_logits(pass_tokens):
+@pytest.mark.parametrize("pack_tokens", [300, 0])
+def test_tspmo_zero_advantage_pairs_cost_no_logits(pack_tokens):
     model, tokenizer = lora_model(seed=5)
     prompt = tokenizer("Q:")["input_ids"]
     # pairs with A != 0: only where the two groups of completions part ("x" vs "y" at t = 3)
@@ -721,7 +721,7 @@ def test_tspmo_zero_advantage_pairs_cost_no_logits(pass_tokens):
     lm.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     lm.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape),
                                    with_kwargs=True)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=pass_tokens)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=pack_tokens)
     assert stats["loss_tokens"] == 2 and stats["unique_pairs"] == int(first.sum())
     # the two non-zero pairs ("abc" then x, "abc" then y) share their prefix: one pass over the prompt and "abc",
     # and one logit row, at "c", for both
@@ -756,8 +756,8 @@ def test_packed_trie_pass_equals_the_per_completion_update(attn, arch, extra):
         reference = per_completion_tspmo(model, prompt, completions, adv, first, 0.01, 0.3)
         expected = grads(model)
         zero_grads(model)
-        for pass_tokens in (300, 4, 1, 0):  # one pass, several pieces of the trie, one path a pass
-            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, pass_tokens=pass_tokens)
+        for pack_tokens in (300, 4, 1, 0):  # one pass, several pieces of the trie, one path a pass
+            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, pack_tokens=pack_tokens)
             assert stats["loss"] == pytest.approx(reference, abs=1e-6)
             for name, grad in grads(model).items():
                 torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
@@ -772,10 +772,10 @@ def test_packed_pass_forwards_the_prompt_once_and_each_node_once():
     lengths = []
     model.get_base_model().model.register_forward_hook(
         lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=300)
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=300)
     assert lengths == [len(prompt) + 3]  # a, ab, ac: the parents of every non-zero pair, the prompt once
     lengths.clear()
-    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=2)
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=2)
     assert lengths == [len(prompt) + 2, len(prompt) + 2]  # split by subtrees, "a" repeated in each
 
 
@@ -789,11 +789,11 @@ def test_attention_without_custom_masks_falls_back_to_one_path_a_pass(monkeypatc
 
     monkeypatch.setattr(tokenrl, "load_model", flash)
     cfg = tokenrl.resolve_config(tokenrl.Config(algo="tspmo", task="mult", model=tiny_dir, device="cpu"))
-    model = tokenrl.setup(cfg)[1]
+    packed = tokenrl.setup(cfg, [])[0]
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "flash_attention_2 takes no custom attention mask: T-SPMO forwards each path of its trie apart (sdpa or "
-        "eager attention packs them into one pass)")
-    assert tokenrl.pack_limit(cfg, model) == 0 and cfg.pack_tokens == cfg.max_new_tokens
+        "T-SPMO forwards each path of its trie apart: flash_attention_2 takes no custom attention mask (sdpa or "
+        "eager attention packs)")
+    assert packed.pack_tokens == 0 and cfg.pack_tokens == cfg.max_new_tokens
     # and one path a pass needs no mask at all: plain causal attention, as flash attention computes it
     model, tokenizer = lora_model(seed=20)
     masks = []
@@ -801,7 +801,7 @@ def test_attention_without_custom_masks_falls_back_to_one_path_a_pass(monkeypatc
         lambda m, args, kwargs, out: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     completions = [tokenizer(t)["input_ids"] for t in ["abx", "aby", "acx", "acy"]]
     adv, first = tokenrl.tspmo_advantages(completions, [1.0, 0.0, 1.0, 0.0])
-    tokenrl.tspmo_update(model, tokenizer("Q:")["input_ids"], completions, adv, first, 0.01, 1.0, pass_tokens=0)
+    tokenrl.tspmo_update(model, tokenizer("Q:")["input_ids"], completions, adv, first, 0.01, 1.0, pack_tokens=0)
     assert len(masks) == 2 and masks == [None, None]
 
 
@@ -851,7 +851,8 @@ def test_eq10_l2_term_alone_moves_lora_a_by_lr_while_b_stays_zero(monkeypatch, l
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A." in n}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     row = tokenrl.train_step(model, tokenizer, [tokenrl.Problem(tokenrl.mult_question(7, 8), 56)], None, cfg, [eos],
-                             eos, optimizer, 0, torch.device("cpu"))
+                             eos, optimizer, 0)
+    row.update(tokenrl.lora_norms(model))
     assert row["tspmo/nonzero_pairs"] == 0 and row["lora/norm_b"] == 0.0
     a_after = {n: p.detach() for n, p in model.named_parameters() if "lora_A." in n}
     for name, before in a_before.items():
@@ -880,17 +881,17 @@ def test_replay_regenerates_from_the_prefix_and_scores_whole_completions(monkeyp
     monkeypatch.setattr(tokenrl, "generate", fake_generate)
     monkeypatch.setattr(tokenrl, "replay_prefix_length", lambda n, rng: n - 1)  # keep all but the EOS
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    stats = tokenrl.replay_updates(model, tokenizer, [problem], replay, cfg, [eos], eos, optimizer,
-                                   random.Random(0))
+    groups, stats = tokenrl.replay_updates(model, tokenizer, [problem], replay, cfg, [eos], eos, optimizer,
+                                           random.Random(0))
     prompt = tokenrl.encode_prompt("mult", problem, tokenizer)
     assert seen == [(prompt + old[:-1], 40 - (len(old) - 1))]  # restarted from prompt + prefix, within budget
     assert stats["replay/updates"] == 1 and stats["replay/prefix_len"] == len(old) - 1
     # rewards 1, 1, 0, 0 because the prefix " so it is 56" counts: the continuations' first tokens get A = +-0.5
-    assert [g["loss_tokens"] for g in stats["groups"]] == [2] and stats["replay/skipped_success"] == 0
-    assert stats["groups"][0]["rewards"] == [1.0, 1.0, 0.0, 0.0]
+    assert [g["loss_tokens"] for g in groups] == [2] and stats["replay/skipped_success"] == 0
+    assert groups[0]["rewards"] == [1.0, 1.0, 0.0, 0.0] and groups[0]["replay_prefix"] == len(old) - 1
     empty = tokenrl.replay_updates(model, tokenizer, [problem], {"problem": [0], "completion": [torch.tensor([eos])],
                                                                  "reward": [0.0]}, cfg, [eos], eos, optimizer,
-                                   random.Random(0))
+                                   random.Random(0))[1]
     assert empty["replay/updates"] == 0 and empty["replay/skipped_success"] == 1 and empty["replay/prefix_len"] is None
 
 
@@ -944,7 +945,7 @@ def test_chat_prompt_stops_at_the_templates_end_of_turn(tiny_dir, svamp_file):
     # the CLI's setup: the multiplication prompt goes through the template, SVAMP's plain prompt keeps EOS alone
     for task, stops in [("mult", [eos, im_end]), ("svamp", [eos])]:
         cfg = tokenrl.resolve_config(tokenrl.Config(task=task, model=tiny_dir, data=svamp_file, device="cpu"))
-        assert tokenrl.setup(cfg)[3] == sorted(stops)
+        assert tokenrl.setup(cfg, [])[3] == sorted(stops)
 
 
 def test_template_that_ends_a_turn_with_plain_text_has_no_end_of_turn_token():
@@ -1022,10 +1023,12 @@ def test_evaluate_scores_only_the_completion_and_counts_right():
     eos = tokenizer.eos_token_id
     problems = [tokenrl.Problem("Tom has 3 apples and gets 4 more. How many?", answer) for answer in (7, 8, 7, 4)]
     seven = ScriptedModel(tokenizer(" 7")["input_ids"] + [eos], eos, len(tokenizer))
-    assert tokenrl.evaluate(seven, tokenizer, "svamp", problems, 8, 0.0, 3, [eos], eos) == 0.5
+    accuracy, predictions = tokenrl.evaluate(seven, tokenizer, "svamp", problems, 8, 0.0, 3, [eos], eos)
+    assert accuracy == 0.5 and [p["correct"] for p in predictions] == [True, False, True, False]
+    assert {p["prediction"] for p in predictions} == {7} and [p["answer"] for p in predictions] == [7, 8, 7, 4]
     # the prompt ends in the integer 4, the completion holds none: scoring the prompt too would count problem 4
     silent = ScriptedModel(tokenizer(" none")["input_ids"] + [eos], eos, len(tokenizer))
-    assert tokenrl.evaluate(silent, tokenizer, "svamp", problems, 8, 0.0, 3, [eos], eos) == 0.0
+    assert tokenrl.evaluate(silent, tokenizer, "svamp", problems, 8, 0.0, 3, [eos], eos)[0] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1157,7 +1160,8 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     _, test = tokenrl.load_svamp(svamp_file, 6)
     stop = tokenrl.stop_token_ids(tokenizer, model)
     assert [p["question"] for p in predictions] == [problem.question for problem in test]
-    assert tokenrl.evaluate(model, tokenizer, "svamp", test, 4, 0.0, 16, stop, stop[0]) == result["accuracy"]
+    assert tokenrl.evaluate(model, tokenizer, "svamp", test, 4, 0.0, 16, stop, stop[0]) == (result["accuracy"],
+                                                                                          predictions)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1442,17 +1446,20 @@ def test_a_full_disk_gets_one_line_and_resumes(failure, tmp_path, tiny_dir, svam
 
 
 def test_health_metrics_hand_computed():
-    eos = 2
-    groups = [{"completions": [[5, 6, eos], [7, 8, 9], [eos]], "rewards": [1.0, 0.0, 0.0], "entropy_sum": 3.0,
-               "entropy_n": 2}, {"completions": [[5, eos], [6, eos]], "rewards": [1.0, 1.0], "entropy_sum": 0.0,
-                                 "entropy_n": 0}]
-    health = tokenrl.group_health(groups, [eos])
-    assert health["entropy"] == 1.5  # over the loss positions of both groups
+    eos, im_end = 2, 3  # two stop ids: a completion that ends at either one was not cut off
+    groups = [{"completions": [[5, 6, eos], [7, 8, 9], [im_end]], "rewards": [1.0, 0.0, 0.0], "entropy_sum": 3.0,
+               "entropy_n": 4, "loss_entropy_sum": 3.0, "loss_entropy_n": 2},
+              {"completions": [[5, im_end], [6, eos]], "rewards": [1.0, 1.0], "entropy_sum": 1.0, "entropy_n": 4,
+               "loss_entropy_sum": 0.0, "loss_entropy_n": 0}]
+    health = tokenrl.group_health(groups, [eos, im_end])
+    assert health["entropy"] == 0.5  # TRL's: over every sampled token of both groups
+    assert health["entropy/loss_positions"] == 1.5  # over the loss positions of both groups
     assert health["completions/mean_length"] == pytest.approx(11 / 5)
     assert health["completions/clipped_ratio"] == pytest.approx(1 / 5)  # [7, 8, 9] ran out of tokens
-    assert health["reward/std"] == pytest.approx((math.sqrt(1 / 3) + 0.0) / 2)  # each group's sample std, averaged
+    assert health["reward_std"] == pytest.approx(math.sqrt(0.3))  # TRL's: the sample std of all five rewards
+    assert health["reward/group_std"] == pytest.approx((math.sqrt(1 / 3) + 0.0) / 2)  # each group's, averaged
     assert health["frac_reward_zero_std"] == 0.5
-    assert set(tokenrl.group_health(groups, [eos], "replay/")) == {"replay/" + k for k in health}
+    assert set(tokenrl.group_health(groups, [eos, im_end], "replay/")) == {"replay/" + k for k in health}
 
 
 def test_gradient_norm_before_the_step_and_clipping():
@@ -1463,9 +1470,9 @@ def test_gradient_norm_before_the_step_and_clipping():
     tokenrl.sgrpo_update(model, prompt, completions, advantages, sets, 0.0, 1.0)
     before = {n: g.clone() for n, g in grads(model).items()}
     norm = math.sqrt(sum(float(g.pow(2).sum()) for g in before.values()))
-    assert tokenrl.gradient_norm(model, 0.0) == pytest.approx(norm, rel=1e-5)
+    assert tokenrl.clip_gradient(model, 0.0) == pytest.approx(norm, rel=1e-5)
     assert all(torch.equal(before[n], g) for n, g in grads(model).items())  # 0: measured, not clipped
-    assert tokenrl.gradient_norm(model, norm / 4) == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+    assert tokenrl.clip_gradient(model, norm / 4) == pytest.approx(norm, rel=1e-5)  # the norm before clipping
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, before[name] / 4, rtol=1e-4, atol=1e-9)
 
@@ -1479,7 +1486,7 @@ def test_entropy_is_read_at_the_loss_positions_without_another_forward():
     model.get_base_model().model.register_forward_hook(lambda *args: calls.append(1))
     with tokenrl.measured(model, 0.3) as tally:
         tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor([1.0, 0, 1, 0])),
-                             sets, beta=0.01, temperature=0.3)
+                             sets, beta=0.01, loss_temperature=0.3)
     assert len(calls) == 2 * len(completions)  # the policy's and pi_ref's passes, nothing more
     expected = []
     with torch.no_grad():
@@ -1491,6 +1498,22 @@ def test_entropy_is_read_at_the_loss_positions_without_another_forward():
     assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature():
+    model, tokenizer = lora_model(seed=23)
+    prompt, eos = tokenizer("Q: 12 x 5 =")["input_ids"], tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with tokenrl.sampling_entropy(model, 0.7, copies=3) as tally:
+        completions = tokenrl.generate(model, [prompt], 6, 0.7, stop_ids=[eos], pad_id=eos, copies=3)
+    expected = []
+    with torch.no_grad():
+        for completion in completions:
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1: -1] / 0.7
+            logp = torch.log_softmax(logits, -1)
+            expected += (-(logp.exp() * logp).sum(-1)).tolist()
+    assert tally["n"] == len(expected) == sum(map(len, completions))  # the prompt's position counts once a copy
+    assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
 def test_cli_logs_health_and_samples_that_resume_like_metrics(tmp_path, tiny_dir, svamp_file, monkeypatch):
     flags = ["--algo", "tspmo", "--replay-success", 1, "--replay-fail", 1, "--eval-every", 0, "--sample-every", 2,
              "--max-grad-norm", 0.5, "--group-size", 4]
@@ -1498,11 +1521,11 @@ def test_cli_logs_health_and_samples_that_resume_like_metrics(tmp_path, tiny_dir
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, *flags, "--steps", 4)) == 0
     steps = [r for r in read_metrics(straight) if "loss" in r]
     for r in steps:
-        for key in ("completions/mean_length", "completions/clipped_ratio", "reward/std", "frac_reward_zero_std",
-                    "grad_norm"):
+        for key in ("completions/mean_length", "completions/clipped_ratio", "reward_std", "reward/group_std",
+                    "frac_reward_zero_std", "grad_norm", "entropy"):
             assert isinstance(r[key], float) and r[key] >= 0, key
-        assert 1 <= r["completions/mean_length"] <= 6
-        assert (r["entropy"] is None) == (r["tspmo/nonzero_pairs"] == 0) and (r["entropy"] or 1) > 0
+        assert 1 <= r["completions/mean_length"] <= 6 and r["entropy"] > 0
+        assert (r["entropy/loss_positions"] is None) == (r["tspmo/nonzero_pairs"] == 0)
         if r["replay/updates"]:  # the replay groups' figures apart from the main group's
             assert {"replay/completions/clipped_ratio", "replay/grad_norm", "replay/entropy"} <= r.keys()
     samples = [json.loads(line) for line in (straight / "samples.jsonl").read_text().splitlines()]
@@ -1614,7 +1637,7 @@ def test_ctrl_c_anywhere_then_resume_equals_the_straight_run(where, tmp_path, ti
     name, call, when = {"main update": ("train_on_problem", 2, lambda *a, **k: True),
                         "replay": ("tspmo_update", 5, lambda *a, **k: True),  # step 2's second replay update
                         "checkpoint save": ("save_checkpoint", 1, lambda *a, **k: True),
-                        "periodic eval": ("evaluate", 1, lambda *a, **k: k.get("desc") == "eval@2")}[where]
+                        "periodic eval": ("evaluate", 2, lambda *a, **k: True)}[where]  # step 0's, then step 2's
     crash_on_call(monkeypatch, name, call, KeyboardInterrupt, when)
     with pytest.raises(SystemExit) as caught:
         run_cli(*flags(stopped))
@@ -1637,7 +1660,7 @@ def test_ctrl_c_while_loading_or_in_the_final_eval(tmp_path, tiny_dir, svamp_fil
     assert run_cli("--eval-only", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8,
                    "--out", tmp_path / "eval") == 130
     monkeypatch.undo()
-    crash_on_call(monkeypatch, "evaluate", 1, KeyboardInterrupt, lambda *a, **k: k.get("desc") == "final eval")
+    crash_on_call(monkeypatch, "evaluate", 1, KeyboardInterrupt)  # the final one: --eval-every 0
     with pytest.raises(SystemExit):
         run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 1, "--eval-every", 0))
     assert not (out / "predictions_final.jsonl").exists() and not (out / "final_eval.json").exists()
@@ -1681,7 +1704,8 @@ def test_no_loading_noise_and_a_labelled_progress_bar(tmp_path, tiny_dir, svamp_
     model.peft_config["default"].base_model_name_or_path = str(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tokenrl.add_lora(build_model(build_tokenizer()), 2, 1 / 4, 2.0, ["q_proj"])
+        with tokenrl.quiet_peft():  # as the command line wraps add_lora: peft's own warning, not the user's
+            tokenrl.add_lora(build_model(build_tokenizer()), 2, 1 / 4, 2.0, ["q_proj"])
         tokenrl.save_adapter(model, tmp_path / "adapter")
     assert [str(w.message) for w in caught] == []
     assert run_cli(*small_run(tiny_dir, svamp_file, tmp_path / "run", "--steps", 1, "--eval-every", 0)) == 0

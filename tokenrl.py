@@ -6,11 +6,12 @@ SVAMP or multi-digit multiplication, with the prompts of Appendix A and the last
     python tokenrl.py --algo sgrpo --task svamp              # Table 1, S-GRPO row (Qwen2-1.5B, paper settings)
     python tokenrl.py --algo tspmo --task mult               # Table 2, T-SPMO row
     python tokenrl.py --task svamp --eval-only               # Table 1, "Base" row
-    python tokenrl.py --algo sgrpo --task mult --model smollm2 --digits 1 --max-new-tokens 64   # no GPU
+    python tokenrl.py --algo sgrpo --task mult --model smollm2 --digits 1 --digits-b 2 --test-size 300 \
+        --max-new-tokens 64 --lr 1e-3 --steps 50             # no GPU: SmolLM2-135M on a laptop
 
-Part 1 is the paper in its order, each function naming its equation or section and copyable on its own; Part 2,
-after the banner, is the machinery (loading, sampling, files, checkpoints, validation, command line). Where the
-paper is silent we chose, and each choice is a flag:
+Part 1 is the paper in its order, each function naming its equation or section and copyable on its own; it runs
+by itself. Part 2, after the banner, is the machinery that wraps it (loading, files, measurement, checkpoints,
+validation, command line). Where the paper is silent we chose, and each choice is a flag:
   1. Eq. 2's sigma is the sample standard deviation (Bessel's correction), as TRL computes it (--std).
   2. Every loss takes its log-probs from logits / T, the policy that sampled, as TRL does (--no-logp-temperature).
   3. Eq. 6 counts t from 0, so "t < alpha" keeps the first alpha; P = 0.15 (--p) makes the expected |T_i| for (alpha,
@@ -54,6 +55,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -76,7 +78,7 @@ class Config:
     digits: int = flag(3, "mult: digits of the first operand (§4.1: 3, i.e. 101..999)")
     digits_b: int | None = flag(None, "mult: digits of the second operand (default: --digits)")
     test_size: int | None = flag(None, "test problems (default: SVAMP 300, mult 3000)")
-    group_size: int | None = flag(None, "|G| completions per prompt (default: 8; T-SPMO 50)")
+    group_size: int | None = flag(None, "|G| completions per prompt (§4.1: 8; T-SPMO 50)")
     temperature: float = flag(0.3, "sampling temperature (§4.1)")
     max_new_tokens: int = flag(300, "completion length limit (§4.1)")
     logp_temperature: bool = flag(True, "paper silent; the loss divides logits by the sampling temperature, as TRL")
@@ -112,12 +114,14 @@ class Config:
     update_batch: int = flag(1, "GRPO, S-GRPO: completions per forward/backward pass (§3.4: 1); same gradient")
     pack_tokens: int | None = flag(None, "T-SPMO: trie nodes a packed pass (default: --max-new-tokens); same gradient")
 
-# §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6.
+# §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6 (a dict keyed by algorithm where they differ).
 PAPER_DEFAULTS = {
     "svamp": dict(lora_rank=16, lora_fraction=1 / 3, alpha=100, k=100, replay_success=0, replay_fail=0,
-                  test_size=300, steps={"grpo": 325, "sgrpo": 325, "tspmo": 400}),
+                  test_size=300, group_size={"grpo": 8, "sgrpo": 8, "tspmo": 50},
+                  steps={"grpo": 325, "sgrpo": 325, "tspmo": 400}),
     "mult": dict(lora_rank=8, lora_fraction=1 / 4, alpha=50, k=100, replay_success=1, replay_fail=0,
-                 test_size=3000, steps={"grpo": 450, "sgrpo": 450, "tspmo": 350}),
+                 test_size=3000, group_size={"grpo": 8, "sgrpo": 8, "tspmo": 50},
+                 steps={"grpo": 450, "sgrpo": 450, "tspmo": 350}),
 }
 
 # --- Appendix A: prompts ----------------------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ def reward(completion: str, answer: int) -> float:
     """App. B: 1.0 when the last integer of the completion equals the answer, else 0.0."""
     return 1.0 if last_integer(completion) == answer else 0.0
 
-# --- GRPO (§3.1, §3.4): Eq. 2 and Eq. 4 -------------------------------------------------------------------------------
+# --- GRPO (§3.1, §3.4): Eq. 2-4. With one update a problem, Eq. 3's ratio is 1 and its clip never acts (§3.2) -------
 def group_advantages(rewards: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Eq. 2: A_i = (R_i - mean R) / std R over the group (G,) -> (G,); zero when every reward is equal."""
     rewards = rewards.float()
@@ -203,13 +207,14 @@ def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage
 # --- T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay -----------------------------------------------------------------
 def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for each (prefix p, token v) of a group, from a prefix trie: (G, T_max)
-    adv[i, t] = A(y_t | y_<t) (0 past the end), and first[i, t], true where pair (i, t) is first seen (sum: |U|)."""
+    adv[i, t] = A(y_t | y_<t) (0 past the end), and unique_pairs[i, t], true at the first sight of each (p, v) pair
+    (one entry per pair of U: its sum is |U|)."""
     # trie node n (0: the empty prefix) adds up the rewards and the number of the completions whose prefix passes
     # through it, so total / count is Eq. 8's empirical mean at p and Eq. 9's at p.v
     child: dict[tuple[int, int], int] = {}
     total, count, paths = [0.0], [0], []
     width = max(map(len, completions), default=0)
-    first = torch.zeros(len(completions), width, dtype=torch.bool)
+    unique_pairs = torch.zeros(len(completions), width, dtype=torch.bool)
     for i, (ys, r) in enumerate(zip(completions, rewards)):
         path = [0]  # the nodes of the empty prefix and of the prefix after each token
         for t, v in enumerate(ys):
@@ -217,7 +222,7 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
                 child[path[-1], v] = len(total)
                 total.append(0.0)
                 count.append(0)
-                first[i, t] = True
+                unique_pairs[i, t] = True
             path.append(child[path[-1], v])
         for n in path:
             total[n] += r
@@ -226,7 +231,7 @@ def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tupl
     mean = [s / c for s, c in zip(total, count)]
     # Eq. 7: E[R | p.v] (Eq. 9, at the node after v) - E[R | p] (Eq. 8, at the node of p)
     adv = [[mean[n] - mean[p] for p, n in zip(path, path[1:])] + [0.0] * (width + 1 - len(path)) for path in paths]
-    return torch.tensor(adv, dtype=torch.float32).reshape(len(completions), width), first
+    return torch.tensor(adv, dtype=torch.float32).reshape(len(completions), width), unique_pairs
 
 def tspmo_objective(logp: torch.Tensor, advantages: torch.Tensor, n_unique: int,
                     use_logprob: bool = False) -> torch.Tensor:
@@ -259,16 +264,77 @@ def lora_layers(num_layers: int, fraction: float) -> list[int]:
 def add_lora(model, rank: int, fraction: float, lora_alpha: float, targets: list[str]):
     """§4.1: LoRA on `targets` (q_proj, v_proj) of the last `fraction` of the layers; base weights frozen."""
     from peft import LoraConfig, get_peft_model
-    layers = lora_layers(model.config.num_hidden_layers, fraction)
     # dropout 0: the loss must score the very policy that sampled
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
-                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
-    try:
-        with quiet_peft():
-            return get_peft_model(model, config)
-    except ValueError as error:  # a target module that the model does not have
-        raise ConfigError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0][:160]}; the paper's "
-                          "are q_proj,v_proj") from None
+                        layers_to_transform=lora_layers(model.config.num_hidden_layers, fraction), bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+# --- Sampling (§3.1: |G| completions a prompt; §4.2: greedy evaluation) -----------------------------------------------
+def chat_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message (ChatML's <|im_end|>), or None."""
+    if not tokenizer.chat_template:
+        return None
+    content = "tokenrl-end-of-turn-probe"
+    turns = [("system", SYSTEM_PROMPT), ("user", "Hi"), ("assistant", content)]
+    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    ids = tokenizer(text.split(content, 1)[1] if content in text else "", add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
+    """The tokenizer's EOS, the model's generation EOS and, for a chat-template prompt, the end-of-turn token."""
+    generation_eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
+           *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None}
+    return sorted(ids)
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
+             pad_id: int, copies: int = 1) -> list[list[int]]:
+    """`copies` completions of each prompt, each up to and including its first stop token; temperature 0 is greedy.
+    Pure softmax(logits / T), whatever the generation_config holds; a finished row leaves the batch and the KV cache."""
+    from transformers import DynamicCache
+    device, width = next(model.parameters()).device, max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # transformers 4
+    cache = DynamicCache(config=getattr(model, "config", None))
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B, V); the cache gets their keys and values
+        return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                     **{name: cache}).logits[:, -1].float()
+    logits = next_logits(ids).repeat_interleave(copies, 0)  # (B * copies, V)
+    cache.batch_repeat_interleave(copies)
+    mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
+    live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
+    out: list[list[int]] = [[] for _ in range(len(live))]
+    stops = torch.tensor(stop_ids, device=device)
+    for t in range(max_new_tokens):
+        if temperature > 0:  # inverse CDF: exactly softmax(logits / T), and far cheaper than multinomial on a CPU
+            cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)  # (B, V)
+            u = torch.rand(len(cdf), 1, dtype=torch.float64, device=device) * cdf[:, -1:]  # (B, 1)
+            token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)  # (B,)
+        else:
+            token = logits.argmax(dim=-1)
+        # NaN or +inf logits have no distribution: -1 marks the row, read with the tokens (one sync a step)
+        token = torch.where(torch.isfinite(torch.logsumexp(logits, dim=-1)), token, -1)
+        for row, v in zip(live.tolist(), token.tolist()):
+            if v < 0:
+                raise FloatingPointError(f"completion {row}'s next-token probabilities are not finite (NaN or inf "
+                                         "logits); the model's weights are broken: use --dtype float32 or a lower --lr")
+            out[row].append(v)
+        going = ~torch.isin(token, stops)
+        if t == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():  # finished rows leave the batch and the cache
+            keep = going.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
+        mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
+        logits = next_logits(token[:, None])
+    return out
 
 # --- Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10) -------------------------------------
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
@@ -296,85 +362,70 @@ def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch
 
 def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                            temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Eq. 4's inputs: log pi_theta (with gradient) and log pi_ref (adapter off, §3.2) at the positions, [(N_i,)] each.
-    Below the first adapted layer pi_ref is pi_theta: its pass starts there, from the policy's hidden state."""
-    layers = model.get_base_model().get_decoder().layers
-    adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
-    above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
-    above |= {id(p) for p in model.get_output_embeddings().parameters()}
-    # no LoRA, or LoRA below the first adapted layer too (on the embeddings, say): a whole pi_ref pass
-    shortcut = bool(adapted) and all(id(p) in above for name, p in model.named_parameters() if "lora_" in name)
-    entering = []
-    hook = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
-        args[0] if args else kwargs["hidden_states"]), with_kwargs=True) if shortcut else None
-    try:
-        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
-    finally:
-        if hook:
-            hook.remove()
-    skip = start_at_layer(layers, adapted[0], entering[0]) if shortcut else contextlib.nullcontext()
-    with torch.no_grad(), model.disable_adapter(), skip:
+    """Eq. 4's inputs at the positions, [(N_i,)] each: log pi_theta (with gradient), and log pi_ref from the same
+    model with its adapter off (§3.2: pi_ref is the base model, never updated)."""
+    logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    with torch.no_grad(), model.disable_adapter():
         return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
 
-# --- The updates ------------------------------------------------------------------------------------------------------
-# Each accumulates the gradient of -J pass by pass (§3.4): `update_batch` completions, or a piece of T-SPMO's trie.
-
+# --- The updates: each accumulates the gradient of -J pass by pass (§3.4), then the caller's AdamW steps --------------
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
-                 token_sets: list[torch.Tensor], beta: float, temperature: float, scale: float = 1.0,
-                 update_batch: int = 1) -> dict:
-    """Eq. 5 (GRPO, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO. token_sets[i]:
-    (N_i,) positions of T_i; a PeftModel when beta > 0 (pi_ref: adapter off). Returns loss, mean KL, loss tokens."""
-    group = len(completions)
+                 token_sets: list[torch.Tensor], beta: float, loss_temperature: float, scale: float = 1.0,
+                 update_batch: int = 1, reference: Callable | None = None) -> dict:
+    """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
+    token_sets[i]: (N_i,) positions of T_i; the loss's logits are divided by loss_temperature; with beta > 0 a
+    PeftModel, and `reference` gives (log pi, log pi_ref) (default logprobs_and_reference). Returns loss, KL, tokens."""
+    group, reference = len(completions), reference or logprobs_and_reference
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     kept = [i for i in range(group) if len(token_sets[i])]
-    loss, kl_sum = 0.0, 0.0
+    loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
     for start in range(0, len(kept), update_batch):
         chunk = kept[start:start + update_batch]
-        chunk_completions, chunk_sets = [completions[i] for i in chunk], [token_sets[i] for i in chunk]
+        inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
         if beta:  # pi_ref: the base model, never updated (§3.2)
-            logps, ref_logps = logprobs_and_reference(model, prompt, chunk_completions, chunk_sets,
-                                                       temperature=temperature)
-            kl_sum += sum(float(kl_estimate(lp.detach(), ref).sum()) for lp, ref in zip(logps, ref_logps))
+            logps, ref_logps = reference(*inputs, temperature=loss_temperature)
+            kl_sum = kl_sum + sum(kl_estimate(lp.detach(), ref).sum() for lp, ref in zip(logps, ref_logps))
         else:
-            logps = completion_logprobs(model, prompt, chunk_completions, chunk_sets, temperature=temperature)
-            ref_logps = [None] * len(chunk)
-        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps))
+            logps, ref_logps = completion_logprobs(*inputs, temperature=loss_temperature), [None] * len(chunk)
+        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps,
+                                                                                                 ref_logps))
         term = term * scale / group
         term.backward()
-        loss += float(term.detach())
+        loss = loss + term.detach()
     n_tokens = sum(map(len, token_sets))
-    return {"loss": loss, "kl": kl_sum / max(n_tokens, 1), "loss_tokens": n_tokens}
+    return {"loss": float(loss), "kl": float(kl_sum) / max(n_tokens, 1), "loss_tokens": n_tokens}
 
-def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor, first: torch.Tensor,
-                 lam: float, temperature: float, scale: float = 1.0, use_logprob: bool = False,
-                 pass_tokens: int = 300) -> dict:
-    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, first from tspmo_advantages). Only the trie
-    nodes on the paths to pairs with A != 0 run, packed, at most pass_tokens a pass (0: each path apart)."""
-    n_unique = int(first.sum())  # |U|: every unique pair of the group, zero-advantage ones included
-    active = first & (adv != 0)  # (G, T): the pairs that need the model
-    loss = 0.0
-    for nodes, parents, rows, pairs in pack_trie(completions, active, pass_tokens):
+def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor,
+                 unique_pairs: torch.Tensor, lam: float, loss_temperature: float, scale: float = 1.0,
+                 use_logprob: bool = False, pack_tokens: int = 300) -> dict:
+    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, unique_pairs from tspmo_advantages), the
+    loss's logits divided by loss_temperature. Only the trie nodes on the paths to pairs with A != 0 run, packed, at
+    most pack_tokens a pass (0: each path apart, for attention that takes no custom mask)."""
+    n_unique = int(unique_pairs.sum())  # |U|: every unique pair of the group, zero-advantage ones included
+    active = unique_pairs & (adv != 0)  # (G, T): the pairs that need the model
+    loss = torch.zeros((), device=next(model.parameters()).device)
+    for nodes, parents, rows, pairs in pack_trie(completions, active, pack_tokens):
         targets = [completions[i][t] for i, t in pairs]
         logp = trie_pass(model, prompt, nodes, parents=parents, rows=rows, targets=targets,
-                         temperature=temperature)  # (N,)
+                         temperature=loss_temperature)  # (N,)
         advantages = torch.tensor([float(adv[i, t]) for i, t in pairs], device=logp.device)
         term = -tspmo_objective(logp, advantages, n_unique, use_logprob) * scale
         term.backward()
-        loss += float(term.detach())
+        loss = loss + term.detach()
     penalty = lam * lora_l2(model) * scale
     penalty.backward()
-    return {"loss": loss + float(penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
+    return {"loss": float(loss + penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
 
-def pack_trie(completions: list[list[int]], active: torch.Tensor, limit: int) -> list[tuple]:
-    """The trie nodes on the paths to the active pairs, in passes of at most `limit` nodes: (nodes, parents, rows,
-    pairs) a pass, with node tokens, parents, and for each pair (i, t) the node that predicts y_t (-1: the prompt)."""
+def pack_trie(completions: list[list[int]], active: torch.Tensor, pack_tokens: int) -> list[tuple]:
+    """The trie nodes on the paths to the active pairs, in passes of at most `pack_tokens` nodes: (nodes, parents,
+    rows, pairs) a pass, with node tokens, parents, and for each pair (i, t) the node that predicts y_t (-1: prompt)."""
     passes, children = [], {}
     for i in active.any(dim=1).nonzero()[:, 0].tolist():
         ts = active[i].nonzero()[:, 0].tolist()
         path, node, known = completions[i][:ts[-1]], -1, 0  # a pair at t needs the prefix y_<t only
         while known < len(path) and (node, path[known]) in children:
             node, known = children[node, path[known]], known + 1
-        if not passes or known < len(path) and passes[-1][0] and len(passes[-1][0]) + len(path) - known > limit:
+        if not passes or known < len(path) and passes[-1][0] and len(passes[-1][0]) + len(path) - known > pack_tokens:
             passes.append(([], [], [], []))  # a new pass repeats the ancestors it needs
             children = {}
         nodes, parents, rows, pairs = passes[-1]
@@ -396,215 +447,180 @@ def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], ro
     position ids are depths and whose attention lets each node see the prompt, its ancestors and itself."""
     device, P, L = next(model.parameters()).device, len(prompt), len(prompt) + len(nodes)
     sees = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L): the prompt is causal
-    position = list(range(P))
+    depth = list(range(P))
     for j, q in enumerate(parents):
         sees[P + j] = sees[P - 1 if q < 0 else P + q]  # what its parent sees ...
         sees[P + j, P + j] = True  # ... and itself
-        position.append(position[P - 1 if q < 0 else P + q] + 1)
+        depth.append(depth[P - 1 if q < 0 else P + q] + 1)
     inputs = {"input_ids": torch.tensor([prompt + nodes], device=device)}
-    if any(q != j - 1 for j, q in enumerate(parents)):  # not a single path: a custom mask (float: eager adds it)
-        inputs["position_ids"] = torch.tensor([position], device=device)
-        inputs["attention_mask"] = attention_masks(model, sees, torch.tensor(position))
+    if any(q != j - 1 for j, q in enumerate(parents)):  # not a single path: depths and a custom mask
+        inputs["position_ids"] = torch.tensor([depth], device=device)
+        inputs["attention_mask"] = trie_attention_mask(model, sees, torch.tensor(depth))
     rows_at = torch.tensor([P - 1 if r < 0 else P + r for r in rows], device=device)  # (N,)
     unique, pair_row = rows_at.unique(return_inverse=True)  # the pairs of a branch point share their parent's row
     logits = logits_at(model, torch.zeros_like(unique), unique, **inputs) / temperature  # (U, V)
     return torch.log_softmax(logits, dim=-1)[pair_row, torch.tensor(targets, device=device)]  # (U, V) -> (N,)
 
+def trie_attention_mask(model, sees: torch.Tensor, depth: torch.Tensor) -> torch.Tensor | dict:
+    """trie_pass's (L, L) mask as the model takes it: additive (1, 1, L, L), which eager attention adds as it is. A
+    sliding window counts depths, in the layers that slide: per layer type, or in all (Mistral's sliding_window)."""
+    weight, config = next(model.parameters()), model.config
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
+        return mask[None, None].to(weight.device)
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    near = sees & (depth[:, None] - depth[None, :] < window) if window else sees
+    if window and "sliding_attention" in (types or []):
+        return {"full_attention": additive(sees), "sliding_attention": additive(near)}
+    return additive(sees if types else near)
+
 # --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
                  temperature: float, stop_ids: list[int], pad_id: int,
-                 completed: list[int] = ()) -> tuple[list[list[int]], list[float]]:
-    """|G| completions of a prompt and their App. B rewards; `completed` tokens (replay) count as their start."""
-    completed = list(completed)
-    completions = generate(model, [prompt + completed], max_new_tokens, temperature, stop_ids=stop_ids, pad_id=pad_id,
-                           copies=group_size)
-    texts = tokenizer.batch_decode([completed + c for c in completions], skip_special_tokens=True)
+                 replay_prefix: list[int] = ()) -> tuple[list[list[int]], list[float]]:
+    """|G| completions of a prompt and their App. B rewards; replay_prefix tokens (§3.3) count as their start."""
+    replay_prefix = list(replay_prefix)
+    completions = generate(model, [prompt + replay_prefix], max_new_tokens, temperature, stop_ids=stop_ids,
+                           pad_id=pad_id, copies=group_size)
+    texts = tokenizer.batch_decode([replay_prefix + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
+def unmeasured(part: str, stats: dict):
+    """The default `measure` of train_on_problem: a context that records nothing (Part 2 times and weighs)."""
+    return contextlib.nullcontext()
+
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
-                     pad_id: int, generator: torch.Generator | None, scale: float, completed: list[int] = ()) -> dict:
-    """Sample |G| completions and accumulate the algorithm's gradient; `completed` (replay, §3.3) starts each one."""
-    t0, completed = time.perf_counter(), list(completed)
-    completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
-                                        max_new_tokens=cfg.max_new_tokens - len(completed),
-                                        temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
-                                        completed=completed)
-    t1 = sync_time()
-    temperature = cfg.temperature if cfg.logp_temperature else 1.0
-    with measured(model, temperature) as tally:
+                     pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
+                     measure: Callable = unmeasured, reference: Callable | None = None) -> dict:
+    """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient; measure(part, stats)
+    wraps the "sample" and "update" parts, reference computes (log pi, log pi_ref) for Eq. 4."""
+    stats, replay_prefix = {}, list(replay_prefix)
+    with measure("sample", stats):
+        completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
+                                            max_new_tokens=cfg.max_new_tokens - len(replay_prefix),
+                                            temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
+                                            replay_prefix=replay_prefix)
+    loss_temperature = cfg.temperature if cfg.logp_temperature else 1.0
+    with measure("update", stats):
         if cfg.algo == "tspmo":
-            adv, first = tspmo_advantages(completions, rewards)
-            stats = tspmo_update(model, prompt + completed, completions, adv, first=first, lam=cfg.lam,
-                                 temperature=temperature, scale=scale, use_logprob=cfg.tspmo_logprob,
-                                 pass_tokens=pack_limit(cfg, model))
+            adv, unique_pairs = tspmo_advantages(completions, rewards)
+            stats.update(tspmo_update(model, prompt + replay_prefix, completions, adv, unique_pairs=unique_pairs,
+                                      lam=cfg.lam, loss_temperature=loss_temperature, scale=scale,
+                                      use_logprob=cfg.tspmo_logprob, pack_tokens=cfg.pack_tokens))
         else:
             advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
             token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
                           sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                           for c in completions]
-            stats = sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
-                                 temperature=temperature, scale=scale, update_batch=cfg.update_batch)
-    return {**stats, "completions": completions, "rewards": rewards, "time_sample": t1 - t0,
-            "time_update": sync_time() - t1, "saved_bytes": tally["peak"], "entropy_sum": tally["entropy"],
-            "entropy_n": tally["n"]}
+            stats.update(sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
+                                      loss_temperature=loss_temperature, scale=scale, update_batch=cfg.update_batch,
+                                      reference=reference))
+    return {**stats, "completions": completions, "rewards": rewards}
 
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
-def replay_updates(model, tokenizer, train: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
-                   pad_id: int, optimizer, rng: random.Random) -> dict:
-    """§3.3 replay: per chosen past completion, one more T-SPMO update from |G| continuations of a prefix of it."""
+def clip_gradient(model, max_norm: float) -> float:
+    """The LoRA gradient's norm before the AdamW step (TRL's grad_norm), the gradient clipped to max_norm when > 0."""
+    grads = [p for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm or float("inf"))) if grads else 0.0
+
+def replay_updates(model, tokenizer, problems: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
+                   pad_id: int, optimizer, rng: random.Random, **tools) -> tuple[list[dict], dict]:
+    """§3.3 replay: per chosen past completion, one more T-SPMO update from |G| continuations of a prefix of it.
+    Returns the replay groups and the row's replay figures; tools (measure, reference) go to train_on_problem."""
     chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
                                                 cfg.replay_fail, rng=rng)
-    groups, kept_lengths = [], []
+    groups = []
     for index in chosen_success + chosen_fail:
-        problem, old = train[replay["problem"][index]], replay["completion"][index].tolist()
+        problem, old = problems[replay["problem"][index]], replay["completion"][index].tolist()
         kept = old[: replay_prefix_length(len(old), rng)]
         stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer,
-                                 cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=None, scale=1.0, completed=kept)
-        stats["grad_norm"] = gradient_norm(model, cfg.max_grad_norm)
+                                 cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=None, scale=1.0,
+                                 replay_prefix=kept, **tools)
+        stats.update(problem=problem, replay_prefix=len(kept), grad_norm=clip_gradient(model, cfg.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        check_finite(model, stats["loss"], "a replay update")
         groups.append(stats)
-        kept_lengths.append(len(kept))
-    row = {"replay/updates": len(groups), "replay/prefix_len": sum(kept_lengths) / len(groups) if groups else None,
-           "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
-           "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail), "groups": groups}
-    if groups:
-        row.update(group_health(groups, stop_ids, "replay/"),
-                   **{"replay/grad_norm": sum(g["grad_norm"] for g in groups) / len(groups)})
-    return row
+    return groups, {"replay/updates": len(groups),
+                    "replay/prefix_len": sum(g["replay_prefix"] for g in groups) / len(groups) if groups else None,
+                    "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
+                    "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail)}
 
-def train_step(model, tokenizer, train_set: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
-               pad_id: int, optimizer, step_index: int, device: torch.device) -> dict:
-    """One AdamW update over --batch-size problems, then T-SPMO's replay updates; returns the metrics row."""
-    peak_memory_mb(device, reset=True)  # the step's own peak
+def train_step(model, tokenizer, problems: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
+               pad_id: int, optimizer, step_index: int, **tools) -> dict:
+    """One AdamW update over --batch-size problems, then T-SPMO's replay updates: the step's metrics row, and under
+    "groups" each group's problem, completions, rewards and update figures (replay groups last, replay_prefix set)."""
     torch.manual_seed(cfg.seed * 1_000_003 + step_index)  # seeds from the step: a resumed run repeats the straight one
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
-    groups, samples = [], []
+    groups = []
     for index in range(step_index * cfg.batch_size, (step_index + 1) * cfg.batch_size):
-        problem = train_set[index]
+        problem = problems[index]
         stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer,
                                  cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=generator,
-                                 scale=1.0 / cfg.batch_size)
-        groups.append(stats)
+                                 scale=1.0 / cfg.batch_size, **tools)
+        groups.append({**stats, "problem": problem})
         if replay is not None:  # §3.3: every main-group completion can be replayed later
             replay["problem"] += [index] * len(stats["rewards"])
             replay["completion"] += [torch.tensor(completion, dtype=torch.int32) for completion in stats["completions"]]
             replay["reward"] += stats["rewards"]
-        if cfg.sample_every and (step_index + 1) % cfg.sample_every == 0:  # what the model writes, as it learns
-            texts = tokenizer.batch_decode(stats["completions"], skip_special_tokens=True)
-            samples.append({"step": step_index + 1, "question": problem.question, "answer": problem.answer,
-                            "completions": [{"text": x, "reward": r} for x, r in zip(texts, stats["rewards"])]})
-    grad_norm = gradient_norm(model, cfg.max_grad_norm)
+    grad_norm = clip_gradient(model, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = sum(g["loss"] for g in groups)
-    check_finite(model, loss, f"step {step_index + 1}")
     rewards = [r for g in groups for r in g["rewards"]]
     row = {"step": step_index + 1, "problem": step_index * cfg.batch_size, "reward/mean": sum(rewards) / len(rewards),
-           "reward/any": any(rewards), "loss": loss, **group_health(groups, stop_ids), "grad_norm": grad_norm,
+           "reward/any": any(rewards), "loss": sum(g["loss"] for g in groups), "grad_norm": grad_norm,
            "kl/mean": sum(g["kl"] for g in groups) / len(groups) if cfg.algo != "tspmo" else None}
     if cfg.algo == "tspmo":
         row.update({"tspmo/unique_pairs": sum(g["unique_pairs"] for g in groups),
                     "tspmo/nonzero_pairs": sum(g["loss_tokens"] for g in groups)})
     if replay is not None:
-        row.update(replay_updates(model, tokenizer, train_set, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
-                                  optimizer=optimizer, rng=random.Random(f"replay:{cfg.seed}:{step_index}")))
-        groups += row.pop("groups")
-    row.update({"tokens/loss": sum(g["loss_tokens"] for g in groups),
-                "tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
-                "time/sample": round(sum(g["time_sample"] for g in groups), 4),
-                "time/update": round(sum(g["time_update"] for g in groups), 4),
-                "memory/peak_mb": round(peak_memory_mb(device), 1),
-                "memory/backward_mb": round(max(g["saved_bytes"] for g in groups) / 2 ** 20, 2), **lora_norms(model)})
-    if samples:
-        row["samples"] = samples  # train() moves them to samples.jsonl
-    return row
+        replayed, figures = replay_updates(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids,
+                                           pad_id=pad_id, optimizer=optimizer,
+                                           rng=random.Random(f"replay:{cfg.seed}:{step_index}"), **tools)
+        groups += replayed
+        row.update(figures)
+    return {**row, "tokens/loss": sum(g["loss_tokens"] for g in groups), "groups": groups}
 
 # --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
-             batch_size: int, stop_ids: list[int], pad_id: int, predictions_path: str | None = None,
-             desc: str = "eval") -> float:
-    """Accuracy over `problems`; with predictions_path, every prediction as a JSON line (the file written whole)."""
-    correct, lines = 0, []
+             batch_size: int, stop_ids: list[int], pad_id: int, desc: str = "eval") -> tuple[float, list[dict]]:
+    """(accuracy over `problems`, every prediction: question, answer, completion, prediction, correct)."""
+    predictions = []
     for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         batch = problems[start: start + batch_size]
         outputs = generate(model, [encode_prompt(task, problem, tokenizer) for problem in batch], max_new_tokens,
                            temperature, stop_ids=stop_ids, pad_id=pad_id)
         for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
-            score = reward(text, problem.answer)
-            correct += score
-            lines.append(json.dumps({"question": problem.question, "answer": problem.answer, "completion": text,
-                                     "prediction": last_integer(text), "correct": bool(score)}) + "\n")
-    if predictions_path:
-        write_atomic(Path(predictions_path), "".join(lines))
-    return correct / len(problems)
+            predictions.append({"question": problem.question, "answer": problem.answer, "completion": text,
+                                "prediction": last_integer(text), "correct": bool(reward(text, problem.answer))})
+    return sum(p["correct"] for p in predictions) / len(problems), predictions
 
-# --- Training (§4.1): cfg.steps AdamW updates, evaluated and checkpointed as it goes ----------------------------------
+# --- Training (§4.1): cfg.steps AdamW updates, evaluated as they go, then on the whole test set -----------------------
 def train(cfg: Config) -> dict:
-    """Train cfg.algo on cfg.task for cfg.steps updates, evaluating and checkpointing as it goes."""
-    out = prepare_out(cfg)
-    write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # before the slow loading
-    train_set, test = load_task(cfg)
-    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
-    check_lengths(cfg.task, train_set + test, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
+    """§4.1: cfg.steps AdamW updates of cfg.algo on cfg.task; Part 2's Run keeps the run folder (resume, checkpoints,
+    metrics, signals) and measures each part of a step from outside."""
+    problems, test = load_task(cfg)
+    cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, problems + test)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
     model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
                      targets=cfg.lora_targets.split(","))
     # weight_decay explicit: AdamW's own default (0.01) would add a regulariser the paper does not have
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    step, replay, rows = restore_run(model, optimizer, cfg, out)
-    if any(row.get("eval/final") for row in rows):
-        print(f"{out} is finished; raise --steps to train it further")
-        return json.loads((out / "final_eval.json").read_text())
-    (send, close), undo = open_tracker(cfg, out), None
-    def log(row: dict) -> None:  # metrics.jsonl, and the tracker if --report-to names one
-        log_row(out / "metrics.jsonl", row)
-        send(row)
-    def periodic_eval(at: int) -> None:
-        accuracy = evaluate(model, tokenizer, cfg.task, test[: cfg.eval_subset], max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
-                            pad_id=pad_id, desc=f"eval@{at}")
-        log({"step": at, "eval/accuracy": accuracy, "eval/n": min(cfg.eval_subset, len(test))})
-        tqdm.write(f"step {at}: accuracy {accuracy:.3f} on {min(cfg.eval_subset, len(test))} test problems")
-    def eval_due(at: int) -> bool:
-        return bool(cfg.eval_every) and at % cfg.eval_every == 0 and at < cfg.steps
-    try:
-        if eval_due(step) and not any(row["step"] == step and "eval/accuracy" in row for row in rows):
-            periodic_eval(step)  # the step-0 evaluation, or one that an interruption cut short
-        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
-        for step_index in bar:
-            undo = snapshot(model, optimizer, replay)
-            row = train_step(model, tokenizer, train_set, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
-                             optimizer=optimizer, step_index=step_index, device=device)
-            for sample in row.pop("samples", []):
-                log_row(out / "samples.jsonl", sample)
-            log(row)
-            step, undo = step_index + 1, None  # done: from here on a Ctrl-C saves this step
-            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
-                            clipped=f"{row['completions/clipped_ratio']:.2f}")
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(model, optimizer, step, cfg, replay=replay, out=out)
-            if eval_due(step):
-                periodic_eval(step)
-        result = final_evaluation(model, tokenizer, test, cfg, stop_ids=stop_ids, pad_id=pad_id, out=out, step=step)
-        log({"step": step, "eval/accuracy": result["accuracy"], "eval/n": len(test), "eval/final": True})
-        return result
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
-        with signals_ignored():  # a second signal must not cut the save short
-            if undo is not None:  # a step cut short is undone, so that --resume repeats it whole
-                rollback(model, optimizer, replay, undo)
-            path = save_checkpoint(model, optimizer, step, cfg, replay=replay, out=out)
-        signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"\n{signal.Signals(signum).name}: saved {path} (step {step}); continue with: python tokenrl.py "
-              f"--resume --out {out}", file=sys.stderr)
-        raise SystemExit(128 + signum)
-    finally:
-        close()
+    replay = ({"problem": [], "completion": [], "reward": []}  # §3.3: every completion so far, for replay
+              if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
+    def accuracy(subset: list[Problem]) -> tuple[float, list[dict]]:  # §4.2
+        return evaluate(model, tokenizer, cfg.task, subset, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
+                        pad_id=pad_id)
+    with Run(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids) as run:
+        for step_index in run.steps(lambda: accuracy(test[: cfg.eval_subset])):  # evaluating every --eval-every
+            run.log_step(train_step(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
+                                    optimizer=optimizer, step_index=step_index, measure=run.measure,
+                                    reference=reference_from_first_adapted_layer))
+        return run.result or run.finish(*accuracy(test))
 
 
-# ===================== Part 2: the machinery. A first read can stop here: the paper is above. =====================
+# ========== Part 2: the machinery. A first read can stop here: the paper is above, and it runs by itself. ==========
 class ConfigError(ValueError):
     """A bad flag, file or model: reported as one line that says what to do."""
 
@@ -680,11 +696,11 @@ def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     if cfg.task == "mult":
         test = multiplication_test(cfg.digits, cfg.digits_b, cfg.test_size)
         return multiplication_train(cfg.digits, cfg.digits_b, n, cfg.seed, test=test), test
-    train, test = load_svamp(cfg.data, cfg.test_size)
+    pool, test = load_svamp(cfg.data, cfg.test_size)
     rng, order = random.Random(f"order:{cfg.seed}"), []
     while len(order) < n:  # one shuffled pass over the training set after another
-        order += rng.sample(range(len(train)), len(train))
-    return [train[i] for i in order[:n]], test
+        order += rng.sample(range(len(pool)), len(pool))
+    return [pool[i] for i in order[:n]], test
 
 # --- Loading the model ------------------------------------------------------------------------------------------------
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -732,81 +748,38 @@ def quiet_peft():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
 
-def setup(cfg: Config):
-    """Device, model, tokenizer, stop ids and pad id for a resolved config."""
+def setup(cfg: Config, problems: list[Problem]):
+    """(cfg, model, tokenizer, stop ids, pad id), every check that needs the model made before any work; cfg's
+    pack_tokens becomes 0 (one path a pass) for attention that cannot take T-SPMO's packed mask."""
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    if cfg.algo == "tspmo" and not pack_limit(cfg, model):
-        print(f"{model.config._attn_implementation} takes no custom attention mask: T-SPMO forwards each path of its "
-              "trie apart (sdpa or eager attention packs them into one pass)", file=sys.stderr)
-    return device, model, tokenizer, stop_ids, pad_id
-
-# --- Sampling: stop tokens and the sampler ----------------------------------------------------------------------------
-def chat_end_of_turn(tokenizer) -> int | None:
-    """The special token a chat template writes right after an assistant message (ChatML's <|im_end|>), or None."""
-    if not tokenizer.chat_template:
-        return None
-    content = "tokenrl-end-of-turn-probe"
-    turns = [("system", SYSTEM_PROMPT), ("user", "Hi"), ("assistant", content)]
-    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
-    ids = tokenizer(text.split(content, 1)[1] if content in text else "", add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
-
-def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
-    """The tokenizer's EOS, the model's generation EOS and, for a chat-template prompt, the end-of-turn token."""
-    generation_eos = model.generation_config.eos_token_id
-    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
-           *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None}
-    if not ids:
+    if not stop_ids:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
-    return sorted(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    check_lengths(cfg.task, problems, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_targets.split(",") if t not in names]
+    if missing and not cfg.eval_only:
+        raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(missing)} module; the "
+                          "paper's are q_proj,v_proj")
+    why = packing_refusal(model)
+    if cfg.algo == "tspmo" and why and not cfg.eval_only:
+        print(f"T-SPMO forwards each path of its trie apart: {why}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, pack_tokens=0)
+    return cfg, model, tokenizer, stop_ids, pad_id
 
-@torch.inference_mode()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
-             pad_id: int, copies: int = 1) -> list[list[int]]:
-    """`copies` completions of each prompt, each up to and including its first stop token; temperature 0 is greedy.
-    Pure softmax(logits / T), whatever the generation_config holds; a finished row leaves the batch and the KV cache."""
-    from transformers import DynamicCache
-    device, width = next(model.parameters()).device, max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B, W), left-padded
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position = (mask.cumsum(1) - 1).clamp(min=0)  # (B, W): each prompt counts from 0 after its padding
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # transformers 4
-    cache = DynamicCache(config=getattr(model, "config", None))
-    def next_logits(ids: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B, V); the cache gets their keys and values
-        return model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
-                     **{name: cache}).logits[:, -1]
-    logits = next_logits(ids).repeat_interleave(copies, 0)  # (B * copies, V)
-    cache.batch_repeat_interleave(copies)
-    mask, position = mask.repeat_interleave(copies, 0), position[:, -1:].repeat_interleave(copies, 0)
-    live = torch.arange(len(prompts) * copies, device=device)  # the output row of each row still sampling
-    out: list[list[int]] = [[] for _ in range(len(live))]
-    stops = torch.tensor(stop_ids, device=device)
-    for t in range(max_new_tokens):
-        if temperature > 0:  # inverse CDF: exactly softmax(logits / T), and far cheaper than multinomial on a CPU
-            cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # (B, V)
-            u = torch.rand(len(cdf), 1, dtype=torch.float64, device=device) * cdf[:, -1:]  # (B, 1)
-            token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)  # (B,)
-        else:
-            token = logits.argmax(dim=-1)
-        for row, v in zip(live.tolist(), token.tolist()):
-            out[row].append(v)
-        going = ~torch.isin(token, stops)
-        if t == max_new_tokens - 1 or not going.any():
-            break
-        if not going.all():  # finished rows leave the batch and the cache
-            keep = going.nonzero()[:, 0]
-            cache.batch_select_indices(keep)
-            live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
-        mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
-        logits = next_logits(token[:, None])
-    return out
+def packing_refusal(model) -> str | None:
+    """Why the model cannot take T-SPMO's packed trie (depths as position ids, a custom mask), or None if it can."""
+    config, lm = model.config, model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"}
+    if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return f"{config._attn_implementation} takes no custom attention mask (sdpa or eager attention packs)"
+    if "position_ids" not in inspect.signature(lm.forward).parameters or getattr(config, "alibi", False):
+        return "its positions are not position ids (ALiBi), so a packed node cannot be told its depth"
+    return f"its {', '.join(sorted(kinds))} layers take no custom mask" if kinds else None
 
-# --- Attention for the reference shortcut and T-SPMO's packed trie ----------------------------------------------------
+# --- pi_ref from the first adapted layer: the same numbers as logprobs_and_reference, less work -----------------------
 @contextlib.contextmanager
 def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor):
     """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`. Every layer
@@ -825,23 +798,39 @@ def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor
             if forward is not None:
                 layer.forward = forward
 
-def attention_masks(model, sees: torch.Tensor, position: torch.Tensor) -> torch.Tensor | dict:
-    """trie_pass's mask as the model takes it: additive (1, 1, L, L) (eager adds it), one per layer type if windowed."""
-    weight = next(model.parameters())
-    def additive(allowed: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
-        return mask[None, None].to(weight.device)
-    window = getattr(model.config, "sliding_window", None)
-    if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
-        near = position[:, None] - position[None, :] < window  # (L, L): the window counts depths
-        return {"full_attention": additive(sees), "sliding_attention": additive(sees & near)}
-    return additive(sees)
+def reference_from_first_adapted_layer(model, prompt: list[int], completions: list[list[int]],
+                                       positions: list[torch.Tensor], temperature: float = 1.0):
+    """logprobs_and_reference's numbers: below the first adapted layer pi_ref is pi_theta, so pi_ref's pass starts
+    there, from the policy's hidden state (a whole pass when LoRA sits lower too, on the embeddings, say)."""
+    layers = model.get_base_model().get_decoder().layers
+    adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
+    above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
+    above |= {id(p) for p in model.get_output_embeddings().parameters()}
+    if not adapted or not all(id(p) in above for name, p in model.named_parameters() if "lora_" in name):
+        return logprobs_and_reference(model, prompt, completions, positions, temperature=temperature)
+    entering = []
+    hook = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
+        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    finally:
+        hook.remove()
+    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, adapted[0], entering[0]):
+        return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
 
-def pack_limit(cfg: Config, model) -> int:
-    """--pack-tokens, or 0 (each path of the trie apart) when the attention takes no custom mask (flash attention)."""
-    return cfg.pack_tokens if getattr(model.config, "_attn_implementation", "eager") in ("eager", "sdpa") else 0
+# --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
+def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int = 1) -> None:
+    """tally["entropy"] += the entropies of softmax(logits / T) over logits' rows (..., V), tally["n"] += their count,
+    each `weight` times. The memory peak before it goes to tally["peak_mb"] and the peak restarts after it, so the
+    figure adds nothing to the memory reported."""
+    tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
+        tally["entropy"] += weight * float(-(logp.exp() * logp).sum())
+        tally["n"] += weight * logp.shape[:-1].numel()
+    del logp
+    peak_memory_mb(logits.device, reset=True)
 
-# --- Measurement: around the updates, never inside them ---------------------------------------------------------------
 @contextlib.contextmanager
 def measured(model, temperature: float):
     """Wrap an update: the yielded dict gets "peak", the most bytes autograd held for backward in one pass (parameters
@@ -862,10 +851,7 @@ def measured(model, temperature: float):
         return tensor
     def read(module, args, kwargs, output) -> None:
         if torch.is_grad_enabled():  # the policy's passes, not pi_ref's
-            with torch.no_grad():
-                logp = torch.log_softmax(output.logits.detach().float() / temperature, dim=-1)  # (1, N, V)
-                tally["entropy"] += float(-(logp.exp() * logp).sum())
-                tally["n"] += logp.shape[:-1].numel()
+            add_entropy(tally, output.logits.detach(), temperature)
     hook = model.register_forward_hook(read, with_kwargs=True)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -873,21 +859,33 @@ def measured(model, temperature: float):
     finally:
         hook.remove()
 
+@contextlib.contextmanager
+def sampling_entropy(model, temperature: float, copies: int):
+    """Wrap generate(copies=...) of one prompt: "entropy" summed over "n", every sampled token's entropy of
+    softmax(logits / T), as TRL's entropy (the prompt's last position counts once a copy)."""
+    tally = {"entropy": 0.0, "n": 0}
+    def read(module, args, kwargs, output) -> None:  # the prefill's row is shared by every copy
+        add_entropy(tally, output.logits[:, -1], temperature, copies if kwargs["input_ids"].shape[1] > 1 else 1)
+    hook = model.register_forward_hook(read, with_kwargs=True)
+    try:
+        yield tally
+    finally:
+        hook.remove()
+
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
-    """TRL's health figures over a step's groups: mean length, share cut off, reward std, zero-std share, entropy."""
-    completions = [c for g in groups for c in g["completions"]]
+    """Run health over a step's groups: TRL's completions/mean_length, completions/clipped_ratio, reward_std (over
+    all the step's rewards), frac_reward_zero_std and entropy (of every sampled token), and two of our own."""
+    completions, rewards = [c for g in groups for c in g["completions"]], [r for g in groups for r in g["rewards"]]
     stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
-    n = sum(g.get("entropy_n", 0) for g in groups)
+    def mean(kind: str) -> float | None:
+        n = sum(g.get(f"{kind}_n", 0) for g in groups)
+        return sum(g.get(f"{kind}_sum", 0.0) for g in groups) / n if n else None
     return {f"{prefix}completions/mean_length": sum(map(len, completions)) / len(completions),
             f"{prefix}completions/clipped_ratio": sum(c[-1] not in stop_ids for c in completions) / len(completions),
-            f"{prefix}reward/std": sum(stds) / len(stds),
+            f"{prefix}reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
+            f"{prefix}reward/group_std": sum(stds) / len(stds),
             f"{prefix}frac_reward_zero_std": sum(len(set(g["rewards"])) == 1 for g in groups) / len(groups),
-            f"{prefix}entropy": sum(g.get("entropy_sum", 0.0) for g in groups) / n if n else None}
-
-def gradient_norm(model, max_norm: float) -> float:
-    """The norm of the LoRA gradient before the AdamW step (TRL's grad_norm), clipped to max_norm when it is > 0."""
-    grads = [p for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm or float("inf"))) if grads else 0.0
+            f"{prefix}entropy": mean("entropy"), f"{prefix}entropy/loss_positions": mean("loss_entropy")}
 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
@@ -953,17 +951,19 @@ def log_row(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 def prepare_out(cfg: Config) -> Path:
-    """The output folder, created, and refused when it already holds another run."""
+    """The output folder, refused when it already holds another run; a training run's config.json, written first."""
     out = Path(cfg.out)
     if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.eval_only:  # before the slow loading: a kill while loading leaves a run that --resume can find
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     return out
 
 @contextlib.contextmanager
-def run_folder(out: Path):
+def lock_folder(out: Path):
     """An exclusive lock on the run folder while the run lives: a second process gets one line, not a mixed folder.
-    Folders made here go again if the run wrote nothing but its config (after a kill, --resume needs that)."""
+    Folders made here go again if the run wrote nothing but its config (after a kill, --resume needs that); only
+    the process that holds the lock removes anything."""
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -972,19 +972,21 @@ def run_folder(out: Path):
         raise ConfigError(f"--out {str(out)!r} cannot be written ({error.strerror or error}); choose another --out") \
             from None
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
-                              "--out") from None
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
+                          "--out") from None
+    try:
         yield
     finally:
-        lock.close()
         if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:
-            for name in (".lock", "config.json"):
+            for name in ("config.json", ".lock"):
                 (out / name).unlink(missing_ok=True)
             for folder in made:
-                folder.rmdir()
+                with contextlib.suppress(OSError):  # another run may have made a folder beside ours meanwhile
+                    folder.rmdir()
+        lock.close()
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (a scheduler) or SIGHUP (a closed terminal), args[0] the signal: saved as for Ctrl-C."""
@@ -1030,13 +1032,15 @@ def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | Non
     return final
 
 def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None] | None:
-    """Restore adapter and optimizer from the newest readable checkpoint: (step, replay), or None if there is none."""
+    """Restore adapter and optimizer from the newest readable checkpoint onto the model's device, wherever it was
+    saved: (step, replay), or None if there is none; checkpoints of which none can be read stop the run."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
-    for path in reversed(checkpoints(out)):
+    device, found = next(model.parameters()).device, checkpoints(out)
+    for path in reversed(found):
         try:
-            state = torch.load(path / "state.pt", weights_only=False)
-            weights = load_peft_weights(str(path))
+            state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+            weights = load_peft_weights(str(path), device=str(device))
         except Exception as error:  # empty, truncated or missing files: a kill or a full disk while saving
             print(f"{path.name} cannot be read ({type(error).__name__}); falling back to the checkpoint before it",
                   file=sys.stderr)
@@ -1052,6 +1056,9 @@ def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict
             raise ConfigError(f"{path} does not fit this model ({str(error).splitlines()[0][:120]}); use a new "
                               "--out") from None
         return state["step"], state["replay"]
+    if found:  # restarting from step 0 would overwrite the run's rows: stop, and change nothing
+        raise ConfigError(f"no checkpoint of {out} can be read ({', '.join(p.name for p in found)}); nothing was "
+                          "changed: restore one from a copy, or use a new --out")
     return None
 
 def read_metrics(path: Path) -> list[dict]:
@@ -1074,11 +1081,10 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
-    """(step, replay buffer, metrics rows) from the newest readable checkpoint with --resume (later rows dropped)."""
-    fresh = ({"problem": [], "completion": [], "reward": []}
-             if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_fail > 0 else None)
+    """(step, saved replay buffer, metrics rows) from the newest readable checkpoint with --resume (later rows
+    dropped); a run with no checkpoint at all starts from step 0."""
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
-    step, replay = found or (0, fresh)
+    step, replay = found or (0, None)
     if not cfg.resume:
         return step, replay, []
     rows = [row for row in read_metrics(out / "metrics.jsonl")
@@ -1094,8 +1100,9 @@ def resume_config(given: dict) -> Config:
     """--resume: the run's own config.json under the flags given; only RESUMABLE fields may change."""
     out = given.get("out") or resolve_config(Config(**given)).out
     path = Path(out) / "config.json"
-    if not path.is_file():  # killed before the run wrote it: the flags are all there is
-        return resolve_config(Config(**given))
+    if not path.is_file():
+        raise ConfigError(f"--resume: {out} holds no tokenrl run (no config.json); check --out, or drop --resume to "
+                          "start a new run")
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
@@ -1126,44 +1133,145 @@ def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
     for column in (replay or {}).values():
         del column[saved["replay"]:]
 
-def check_finite(model, loss: float, where: str) -> None:
+def check_finite(model, losses: list[float], where: str) -> None:
     """Stop with one line, before anything is saved, once an update has made the loss or the adapter non-finite."""
     with torch.no_grad():
         norm = float(lora_l2(model).sqrt())
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise ConfigError(f"{where}: the update is not finite (loss {loss}, LoRA norm {norm}); nothing of it was "
-                          "saved. Lower --lr, or use --dtype float32")
+    if not all(map(math.isfinite, [*losses, norm])):
+        raise ConfigError(f"{where}: the update is not finite (loss {sum(losses)}, LoRA norm {norm}); nothing of it "
+                          "was saved. Lower --lr, or use --dtype float32")
 
-def final_evaluation(model, tokenizer, test: list[Problem], cfg: Config, stop_ids: list[int], pad_id: int,
-                     out: Path, step: int) -> dict:
-    """The trained adapter, then the full test set's accuracy and every prediction."""
-    save_adapter(model, out / "adapter")
-    accuracy = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
-                        pad_id=pad_id, predictions_path=str(out / "predictions_final.jsonl"), desc="final eval")
-    result = {"accuracy": accuracy, "n": len(test), "steps": step}
-    write_atomic(out / "final_eval.json", json.dumps(result, indent=2))
-    print(f"final accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'final_eval.json'}")
-    return result
+class Run:
+    """train()'s run folder: the resume point, periodic evaluations, each step measured, checked, logged and
+    checkpointed; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, and exit with 128 + the signal."""
+    def __init__(self, cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
+        self.cfg, self.model, self.optimizer, self.replay, self.out = cfg, model, optimizer, replay, Path(cfg.out)
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.device, self.undo = next(model.parameters()).device, None
+        self.step, saved, self.rows = restore_run(model, optimizer, cfg, self.out)
+        if saved is not None:
+            replay.update(saved)
+        finished = any(row.get("eval/final") for row in self.rows)
+        self.result = json.loads((self.out / "final_eval.json").read_text()) if finished else None
+
+    def __enter__(self) -> "Run":
+        self.send, self.close = open_tracker(self.cfg, self.out)
+        return self
+
+    def __exit__(self, kind, stop, trace) -> None:
+        self.close()
+        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
+            with signals_ignored():  # a second signal must not cut the save short
+                if self.undo is not None:  # a step cut short is undone, so that --resume repeats it whole
+                    rollback(self.model, self.optimizer, self.replay, self.undo)
+                path = save_checkpoint(self.model, self.optimizer, self.step, self.cfg, replay=self.replay,
+                                       out=self.out)
+            signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
+            print(f"\n{signal.Signals(signum).name}: saved {path} (step {self.step}); continue with: python "
+                  f"tokenrl.py --resume --out {self.out}", file=sys.stderr)
+            raise SystemExit(128 + signum)
+
+    def log(self, row: dict) -> None:
+        """metrics.jsonl, and the tracker if --report-to names one."""
+        log_row(self.out / "metrics.jsonl", row)
+        self.send(row)
+
+    def steps(self, accuracy: Callable[[], tuple[float, list]]):
+        """The step indices still to run, each snapshotted to be undone if cut short; `accuracy` (evaluate's result
+        on the periodic test subset) every --eval-every steps."""
+        cfg = self.cfg
+        def evaluate_if_due(at: int) -> None:
+            if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
+                    row["step"] == at and "eval/accuracy" in row for row in self.rows):
+                value, predictions = accuracy()
+                row = {"step": at, "eval/accuracy": value, "eval/n": len(predictions)}
+                self.rows.append(row)
+                self.log(row)
+                tqdm.write(f"step {at}: accuracy {row['eval/accuracy']:.3f} on {row['eval/n']} test problems")
+        if self.result:
+            print(f"{self.out} is finished; raise --steps to train it further")
+            return
+        evaluate_if_due(self.step)  # the step-0 evaluation, or one that an interruption cut short
+        self.bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
+        for step_index in self.bar:
+            self.undo = snapshot(self.model, self.optimizer, self.replay)
+            peak_memory_mb(self.device, reset=True)  # the step's own peak
+            yield step_index
+            evaluate_if_due(self.step)
+
+    @contextlib.contextmanager
+    def measure(self, part: str, stats: dict):
+        """train_on_problem's measure: times "sample" and "update"; TRL's entropy while sampling; the update's
+        backward memory and its entropy at the loss positions."""
+        start, cfg = sync_time(), self.cfg
+        temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
+        watch = (sampling_entropy(self.model, temperature, cfg.group_size) if part == "sample" else
+                 measured(self.model, temperature))
+        with watch as tally:
+            yield
+        name = "entropy" if part == "sample" else "loss_entropy"
+        stats.update({f"time_{part}": sync_time() - start, f"{name}_sum": tally["entropy"], f"{name}_n": tally["n"],
+                      f"peak_mb_{part}": tally.get("peak_mb", 0.0)})
+        if part == "update":
+            stats["backward_bytes"] = tally["peak"]
+
+    def log_step(self, row: dict) -> None:
+        """Check, complete and log a finished step's row, write its samples, checkpoint when due."""
+        cfg, groups = self.cfg, row.pop("groups")
+        check_finite(self.model, [g["loss"] for g in groups], f"step {row['step']}")
+        main = [g for g in groups if "replay_prefix" not in g]
+        replayed = [g for g in groups if "replay_prefix" in g]
+        peaks = [peak_memory_mb(self.device)] + [g[k] for g in groups for k in ("peak_mb_sample", "peak_mb_update")]
+        row.update(group_health(main, self.stop_ids),
+                   **(group_health(replayed, self.stop_ids, "replay/") if replayed else {}),
+                   **({"replay/grad_norm": sum(g["grad_norm"] for g in replayed) / len(replayed)} if replayed else {}),
+                   **{"tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
+                      "time/sample": round(sum(g["time_sample"] for g in groups), 4),
+                      "time/update": round(sum(g["time_update"] for g in groups), 4),
+                      "memory/peak_mb": round(max(peaks), 1),
+                      "memory/backward_mb": round(max(g["backward_bytes"] for g in groups) / 2 ** 20, 2)},
+                   **lora_norms(self.model))
+        if cfg.sample_every and row["step"] % cfg.sample_every == 0:  # what the model writes, as it learns
+            for g in main:
+                texts = self.tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
+                log_row(self.out / "samples.jsonl", {
+                    "step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
+                    "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]})
+        self.log(row)
+        self.step, self.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
+        self.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
+                             clipped=f"{row['completions/clipped_ratio']:.2f}")
+        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            save_checkpoint(self.model, self.optimizer, self.step, cfg, replay=self.replay, out=self.out)
+
+    def finish(self, accuracy: float, predictions: list[dict]) -> dict:
+        """The trained adapter, every prediction, and the full test set's accuracy (final_eval.json)."""
+        save_adapter(self.model, self.out / "adapter")
+        write_atomic(self.out / "predictions_final.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        result = {"accuracy": accuracy, "n": len(predictions), "steps": self.step}
+        write_atomic(self.out / "final_eval.json", json.dumps(result, indent=2))
+        self.log({"step": self.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
+        print(f"final accuracy {accuracy:.4f} on {len(predictions)} {self.cfg.task} test problems -> "
+              f"{self.out / 'final_eval.json'}")
+        return result
 
 def evaluate_only(cfg: Config) -> float:
     """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
-    out = prepare_out(cfg)
+    out = Path(cfg.out)
     _, test = load_task(dataclasses.replace(cfg, steps=0))
-    device, model, tokenizer, stop_ids, pad_id = setup(cfg)
+    cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, test)
     if cfg.adapter:
         from peft import PeftModel
         try:
-            with quiet_peft():
-                model = PeftModel.from_pretrained(model, cfg.adapter).to(device)
+            model = PeftModel.from_pretrained(model, cfg.adapter).to(model.device)
         except (RuntimeError, ValueError, KeyError) as error:  # weights of another shape: another base model
             raise ConfigError(f"--adapter {cfg.adapter!r} does not fit --model {cfg.model!r} "
                               f"({str(error).strip().splitlines()[0][:120]}); pass the model it was trained on") \
                 from None
-    check_lengths(cfg.task, test, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
-    accuracy = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
-                        pad_id=pad_id, predictions_path=str(out / "predictions_eval.jsonl"))
+    accuracy, predictions = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size,
+                                     stop_ids=stop_ids, pad_id=pad_id)
+    write_atomic(out / "predictions_eval.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
     write_atomic(out / "eval.json", json.dumps(result, indent=2))
     print(f"accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'eval.json'}")
@@ -1172,6 +1280,7 @@ def evaluate_only(cfg: Config) -> float:
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # and their package
+MIN_TEMPERATURE = 1e-4  # logits / T stays finite in float32 for any logit below 3e34
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
 def resolve_config(cfg: Config) -> Config:
@@ -1179,8 +1288,8 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.algo not in ("grpo", "sgrpo", "tspmo") or cfg.task not in PAPER_DEFAULTS:
         raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo" if cfg.task in PAPER_DEFAULTS
                           else f"unknown --task {cfg.task!r}; choose svamp or mult")
-    defaults = {**PAPER_DEFAULTS[cfg.task], "steps": PAPER_DEFAULTS[cfg.task]["steps"][cfg.algo], "digits_b": cfg.digits,
-                "group_size": 50 if cfg.algo == "tspmo" else 8, "pack_tokens": cfg.max_new_tokens}
+    defaults = {k: v[cfg.algo] if isinstance(v, dict) else v for k, v in PAPER_DEFAULTS[cfg.task].items()}
+    defaults.update(digits_b=cfg.digits, pack_tokens=cfg.max_new_tokens)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     cfg.lora_alpha = float(cfg.lora_rank) if cfg.lora_alpha is None else cfg.lora_alpha
     if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
@@ -1198,7 +1307,10 @@ def resolve_config(cfg: Config) -> Config:
     checks = [(getattr(cfg, k) >= v, f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
               for k, v in at_least.items()] + [
         (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
-        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
+        (cfg.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE} (got {cfg.temperature}); "
+         "below it logits / T can overflow, and the draw is greedy in all but name"),
+        (cfg.eval_temperature == 0 or cfg.eval_temperature >= MIN_TEMPERATURE, f"--eval-temperature must be 0 "
+         f"(greedy) or >= {MIN_TEMPERATURE} (got {cfg.eval_temperature})"),
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
         (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
@@ -1233,7 +1345,8 @@ def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_
     """One line, before any work, when a prompt plus --max-new-tokens would not fit the model's context."""
     context = getattr(model.config, "max_position_embeddings", None)
     longest = sorted(problems, key=lambda problem: len(problem.question))[-8:]  # characters: a cheap first cut
-    length, problem = max(((len(encode_prompt(task, p, tokenizer)), p) for p in longest), key=lambda x: x[0])
+    length, problem = max(((len(encode_prompt(task, p, tokenizer)), p) for p in longest), key=lambda x: x[0],
+                          default=(0, None))
     if context and length + max_new_tokens > context:
         raise ConfigError(f"a {length}-token prompt ({problem.question[:40]!r}...) plus --max-new-tokens "
                           f"{max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
@@ -1247,6 +1360,8 @@ def check_device(name: str) -> None:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "mps":  # the sampler's inverse CDF sums the probabilities in float64, which MPS does not have
+        raise ConfigError("--device mps: the sampler draws in float64, which MPS lacks; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)"
                           if not torch.cuda.is_available() else
@@ -1263,7 +1378,8 @@ def build_parser() -> argparse.ArgumentParser:
                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         kind = next(t for t in (bool, int, float, str) if t in (f.type, *getattr(f.type, "__args__", ())))
-        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"],
+        default = "per --task and --algo" if f.default is None else repr(f.default) if f.default == "" else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} [default: {default}]",
                             **{"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind})
     return parser
 
@@ -1273,9 +1389,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        with run_folder(Path(cfg.out)):
+        with lock_folder(Path(cfg.out)), quiet_peft():
+            prepare_out(cfg)
             (evaluate_only if cfg.eval_only else train)(cfg)
     except ConfigError as error:
+        print(f"tokenrl: error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:  # the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # while loading or evaluating: a training run saves and says so itself
