@@ -1502,7 +1502,7 @@ def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature
     model, tokenizer = lora_model(seed=23)
     prompt, eos = tokenizer("Q: 12 x 5 =")["input_ids"], tokenizer.eos_token_id
     torch.manual_seed(0)
-    with tokenrl.sampling_entropy(model, 0.7, copies=3) as tally:
+    with tokenrl.measured(model, 0.7, copies=3) as tally:
         completions = tokenrl.generate(model, [prompt], 6, 0.7, stop_ids=[eos], pad_id=eos, copies=3)
     expected = []
     with torch.no_grad():

@@ -14,25 +14,19 @@ by itself. Part 2, after the banner, is the machinery that wraps it (loading, fi
 validation, command line). Where the paper is silent we chose, and each choice is a flag:
   1. Eq. 2's sigma is the sample standard deviation (Bessel's correction), as TRL computes it (--std).
   2. Every loss takes its log-probs from logits / T, the policy that sampled, as TRL does (--no-logp-temperature).
-  3. Eq. 6 counts t from 0, so "t < alpha" keeps the first alpha; P = 0.15 (--p) makes the expected |T_i| for (alpha,
-     k) = (50, 100) on Table 3's 271-token GRPO completions equal its S-GRPO figure (mult: 674.6 / 8 = 84.3).
+  3. Eq. 6 counts t from 0 ("t < alpha" keeps the first alpha); P = 0.15 matches Table 3's S-GRPO tokens (--p).
   4. A completion whose T_i is empty still counts in Eq. 5's 1/|G|: it adds zero to the sum.
-  5. The sampler is softmax(logits / T) and nothing else: no top-k, top-p, penalty or any other field of the model's
-     generation_config. Evaluation is greedy (--eval-temperature).
-  6. App. A.1 goes through the tokenizer's chat template, the prefill opening the assistant turn, and its completions
-     also end at the template's end-of-turn token (a base model's EOS ends no chat turn). App. A.2 is plain text.
+  5. The sampler is softmax(logits / T), ignoring the generation_config; evaluation is greedy (--eval-temperature).
+  6. App. A.1 goes through the chat template, and ends at its end-of-turn token too; App. A.2 is plain text.
   7. App. B takes "-" right before digits as a sign: "10-20" ends in the integer -20.
-  8. LoRA goes on the last round-half-up(fraction x layers) layers (Qwen2-1.5B, 28 layers: 9 for 1/3, 7 for 1/4),
-     with lora_alpha = rank (scaling 1) and no dropout (--lora-alpha).
+  8. LoRA on the last round-half-up(fraction x layers) layers, lora_alpha = rank, no dropout (--lora-alpha).
   9. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
  10. |U| in Eq. 10 counts every unique (prefix, token) pair of the group, those with zero advantage included.
- 11. Replay keeps a prefix of length uniform in 0 .. n-1 of an n-token completion (a prefix ending in EOS has nothing
-     left to generate); continuations get the remaining token budget and are scored as whole completions.
- 12. SVAMP from a local file: a fixed 700 / 300 split (random.Random(0) shuffle, first 300 are the test set).
-     Multiplication: a fixed 3,000-problem test set; training problems are drawn from --seed, never from it.
+ 11. Replay keeps a prefix of length uniform in 0 .. n-1 and scores continuations as whole completions.
+ 12. SVAMP from a file splits 700 / 300 by a fixed shuffle; the multiplication test set is fixed, apart from --seed.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 14. GRPO and S-GRPO take one completion a forward/backward pass, §3.4's accumulation (--update-batch); T-SPMO packs
-     the prompt and its trie's paths to non-zero pairs in one sequence, --pack-tokens nodes a pass. Same gradient.
+ 14. GRPO and S-GRPO take one completion a pass, §3.4's accumulation (--update-batch); T-SPMO packs its trie's
+     paths to non-zero pairs into one sequence, --pack-tokens nodes a pass. Either way the same gradient.
  15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
 import argparse
@@ -206,9 +200,8 @@ def sgrpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantage
 
 # --- T-SPMO (§3.3): Eq. 7-10, the prefix trie, replay -----------------------------------------------------------------
 def tspmo_advantages(completions: list[list[int]], rewards: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 7-9: A(v|p) = E[R | p.v] - E[R | p] for each (prefix p, token v) of a group, from a prefix trie: (G, T_max)
-    adv[i, t] = A(y_t | y_<t) (0 past the end), and unique_pairs[i, t], true at the first sight of each (p, v) pair
-    (one entry per pair of U: its sum is |U|)."""
+    """Eq. 7-9 over a group's prefix trie: (G, T_max) adv[i, t] = A(y_t | y_<t) (0 past the end), and unique_pairs,
+    true where a (prefix, token) pair of U is first seen (its sum is |U|)."""
     # trie node n (0: the empty prefix) adds up the rewards and the number of the completions whose prefix passes
     # through it, so total / count is Eq. 8's empirical mean at p and Eq. 9's at p.v
     child: dict[tuple[int, int], int] = {}
@@ -362,8 +355,7 @@ def logits_at(model, batch: torch.Tensor, rows: torch.Tensor, **inputs) -> torch
 
 def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
                            temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Eq. 4's inputs at the positions, [(N_i,)] each: log pi_theta (with gradient), and log pi_ref from the same
-    model with its adapter off (§3.2: pi_ref is the base model, never updated)."""
+    """Eq. 4's inputs, [(N_i,)] each: log pi_theta (with gradient), log pi_ref (adapter off: the base model, §3.2)."""
     logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     with torch.no_grad(), model.disable_adapter():
         return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
@@ -372,9 +364,8 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, loss_temperature: float, scale: float = 1.0,
                  update_batch: int = 1, reference: Callable | None = None) -> dict:
-    """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO.
-    token_sets[i]: (N_i,) positions of T_i; the loss's logits are divided by loss_temperature; with beta > 0 a
-    PeftModel, and `reference` gives (log pi, log pi_ref) (default logprobs_and_reference). Returns loss, KL, tokens."""
+    """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO, the loss's
+    logits / loss_temperature; token_sets[i]: (N_i,) positions of T_i. Returns the loss, mean KL and loss tokens."""
     group, reference = len(completions), reference or logprobs_and_reference
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     kept = [i for i in range(group) if len(token_sets[i])]
@@ -398,16 +389,14 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor,
                  unique_pairs: torch.Tensor, lam: float, loss_temperature: float, scale: float = 1.0,
                  use_logprob: bool = False, pack_tokens: int = 300) -> dict:
-    """Eq. 10: backpropagate -scale * J_TSPMO for one group's trie (adv, unique_pairs from tspmo_advantages), the
-    loss's logits divided by loss_temperature. Only the trie nodes on the paths to pairs with A != 0 run, packed, at
-    most pack_tokens a pass (0: each path apart, for attention that takes no custom mask)."""
+    """Eq. 10: backpropagate -scale * J_TSPMO, the loss's logits / loss_temperature, running only the trie nodes on
+    the paths to pairs with A != 0, at most pack_tokens a pass (0: each path apart: attention without custom masks)."""
     n_unique = int(unique_pairs.sum())  # |U|: every unique pair of the group, zero-advantage ones included
     active = unique_pairs & (adv != 0)  # (G, T): the pairs that need the model
     loss = torch.zeros((), device=next(model.parameters()).device)
     for nodes, parents, rows, pairs in pack_trie(completions, active, pack_tokens):
-        targets = [completions[i][t] for i, t in pairs]
-        logp = trie_pass(model, prompt, nodes, parents=parents, rows=rows, targets=targets,
-                         temperature=loss_temperature)  # (N,)
+        logp = trie_pass(model, prompt, nodes, parents=parents, rows=rows, temperature=loss_temperature,
+                         targets=[completions[i][t] for i, t in pairs])  # (N,)
         advantages = torch.tensor([float(adv[i, t]) for i, t in pairs], device=logp.device)
         term = -tspmo_objective(logp, advantages, n_unique, use_logprob) * scale
         term.backward()
@@ -462,8 +451,7 @@ def trie_pass(model, prompt: list[int], nodes: list[int], parents: list[int], ro
     return torch.log_softmax(logits, dim=-1)[pair_row, torch.tensor(targets, device=device)]  # (U, V) -> (N,)
 
 def trie_attention_mask(model, sees: torch.Tensor, depth: torch.Tensor) -> torch.Tensor | dict:
-    """trie_pass's (L, L) mask as the model takes it: additive (1, 1, L, L), which eager attention adds as it is. A
-    sliding window counts depths, in the layers that slide: per layer type, or in all (Mistral's sliding_window)."""
+    """trie_pass's (L, L) mask as the model takes it, additive (1, 1, L, L); a sliding window counts depths."""
     weight, config = next(model.parameters()), model.config
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill(~allowed, torch.finfo(weight.dtype).min)
@@ -492,8 +480,7 @@ def unmeasured(part: str, stats: dict):
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
                      measure: Callable = unmeasured, reference: Callable | None = None) -> dict:
-    """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient; measure(part, stats)
-    wraps the "sample" and "update" parts, reference computes (log pi, log pi_ref) for Eq. 4."""
+    """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
     with measure("sample", stats):
         completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
@@ -525,8 +512,7 @@ def clip_gradient(model, max_norm: float) -> float:
 
 def replay_updates(model, tokenizer, problems: list[Problem], replay: dict, cfg: Config, stop_ids: list[int],
                    pad_id: int, optimizer, rng: random.Random, **tools) -> tuple[list[dict], dict]:
-    """§3.3 replay: per chosen past completion, one more T-SPMO update from |G| continuations of a prefix of it.
-    Returns the replay groups and the row's replay figures; tools (measure, reference) go to train_on_problem."""
+    """§3.3 replay: per chosen past completion, a T-SPMO update from |G| continuations of a prefix: (groups, row)."""
     chosen_success, chosen_fail = replay_choice(replay["reward"], cfg.replay_threshold, cfg.replay_success,
                                                 cfg.replay_fail, rng=rng)
     groups = []
@@ -547,8 +533,7 @@ def replay_updates(model, tokenizer, problems: list[Problem], replay: dict, cfg:
 
 def train_step(model, tokenizer, problems: list[Problem], replay: dict | None, cfg: Config, stop_ids: list[int],
                pad_id: int, optimizer, step_index: int, **tools) -> dict:
-    """One AdamW update over --batch-size problems, then T-SPMO's replay updates: the step's metrics row, and under
-    "groups" each group's problem, completions, rewards and update figures (replay groups last, replay_prefix set)."""
+    """One AdamW update over --batch-size problems, then T-SPMO's replays: the row, its groups under "groups"."""
     torch.manual_seed(cfg.seed * 1_000_003 + step_index)  # seeds from the step: a resumed run repeats the straight one
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
     groups = []
@@ -596,8 +581,7 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 
 # --- Training (§4.1): cfg.steps AdamW updates, evaluated as they go, then on the whole test set -----------------------
 def train(cfg: Config) -> dict:
-    """§4.1: cfg.steps AdamW updates of cfg.algo on cfg.task; Part 2's Run keeps the run folder (resume, checkpoints,
-    metrics, signals) and measures each part of a step from outside."""
+    """§4.1: cfg.steps AdamW updates; Part 2's Run keeps the folder (resume, logs, signals) and measures them."""
     problems, test = load_task(cfg)
     cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, problems + test)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
@@ -653,7 +637,8 @@ def load_svamp(path: str, test_size: int) -> tuple[list[Problem], list[Problem]]
     try:
         text = Path(path).read_text(encoding="utf-8")
         jsonl = text.lstrip()[:1] != "["  # a JSON list, or JSONL: one object a line
-        problems = svamp_problems([json.loads(x) for x in text.splitlines() if x.strip()] if jsonl else json.loads(text))
+        records = [json.loads(x) for x in text.splitlines() if x.strip()] if jsonl else json.loads(text)
+        problems = svamp_problems(records)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:  # binary, not JSON, bad field
         raise ConfigError(f"--data {path!r} is not SVAMP (a JSON list or JSONL of objects with text Body and "
                           f"Question and a finite number Answer): {type(error).__name__}: {error}") from None
@@ -749,8 +734,7 @@ def quiet_peft():
         yield
 
 def setup(cfg: Config, problems: list[Problem]):
-    """(cfg, model, tokenizer, stop ids, pad id), every check that needs the model made before any work; cfg's
-    pack_tokens becomes 0 (one path a pass) for attention that cannot take T-SPMO's packed mask."""
+    """(cfg, model, tokenizer, stop ids, pad id) after every check that needs the model; pack_tokens 0 if it can't."""
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
@@ -820,9 +804,8 @@ def reference_from_first_adapted_layer(model, prompt: list[int], completions: li
 
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
 def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int = 1) -> None:
-    """tally["entropy"] += the entropies of softmax(logits / T) over logits' rows (..., V), tally["n"] += their count,
-    each `weight` times. The memory peak before it goes to tally["peak_mb"] and the peak restarts after it, so the
-    figure adds nothing to the memory reported."""
+    """Add the entropies of softmax(logits / T), rows (..., V), `weight` times; the peak restarts after it, the peak
+    before it kept in tally["peak_mb"], so that the figure adds nothing to the memory reported."""
     tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))
     with torch.no_grad():
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
@@ -832,9 +815,9 @@ def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: i
     peak_memory_mb(logits.device, reset=True)
 
 @contextlib.contextmanager
-def measured(model, temperature: float):
-    """Wrap an update: the yielded dict gets "peak", the most bytes autograd held for backward in one pass (parameters
-    excluded), and the entropy at the loss positions, "entropy" summed over "n", from the update's own logits."""
+def measured(model, temperature: float, copies: int = 0):
+    """Wrap an update, or (copies > 0) generate of one prompt: the entropy at the update's loss positions or at every
+    sampled token, and "peak", the most bytes autograd held for backward in one pass (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False, "entropy": 0.0, "n": 0}
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -850,7 +833,9 @@ def measured(model, temperature: float):
         tally["in_backward"] = True
         return tensor
     def read(module, args, kwargs, output) -> None:
-        if torch.is_grad_enabled():  # the policy's passes, not pi_ref's
+        if copies:
+            add_entropy(tally, output.logits[:, -1], temperature, copies if kwargs["input_ids"].shape[1] > 1 else 1)
+        elif torch.is_grad_enabled():
             add_entropy(tally, output.logits.detach(), temperature)
     hook = model.register_forward_hook(read, with_kwargs=True)
     try:
@@ -859,22 +844,8 @@ def measured(model, temperature: float):
     finally:
         hook.remove()
 
-@contextlib.contextmanager
-def sampling_entropy(model, temperature: float, copies: int):
-    """Wrap generate(copies=...) of one prompt: "entropy" summed over "n", every sampled token's entropy of
-    softmax(logits / T), as TRL's entropy (the prompt's last position counts once a copy)."""
-    tally = {"entropy": 0.0, "n": 0}
-    def read(module, args, kwargs, output) -> None:  # the prefill's row is shared by every copy
-        add_entropy(tally, output.logits[:, -1], temperature, copies if kwargs["input_ids"].shape[1] > 1 else 1)
-    hook = model.register_forward_hook(read, with_kwargs=True)
-    try:
-        yield tally
-    finally:
-        hook.remove()
-
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
-    """Run health over a step's groups: TRL's completions/mean_length, completions/clipped_ratio, reward_std (over
-    all the step's rewards), frac_reward_zero_std and entropy (of every sampled token), and two of our own."""
+    """Run health over a step's groups: TRL's figures under TRL's names and meanings, and two of our own."""
     completions, rewards = [c for g in groups for c in g["completions"]], [r for g in groups for r in g["rewards"]]
     stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
     def mean(kind: str) -> float | None:
@@ -961,9 +932,7 @@ def prepare_out(cfg: Config) -> Path:
 
 @contextlib.contextmanager
 def lock_folder(out: Path):
-    """An exclusive lock on the run folder while the run lives: a second process gets one line, not a mixed folder.
-    Folders made here go again if the run wrote nothing but its config (after a kill, --resume needs that); only
-    the process that holds the lock removes anything."""
+    """The run folder, locked while the run lives; folders made here go again if the run wrote only its config."""
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1014,7 +983,8 @@ def disk_full(error: BaseException, out: Path) -> bool:
 
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
-    found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt") if re.fullmatch(r"step_\d+", p.parent.name)]
+    found = [p.parent for p in (out / "checkpoints").glob("step_*/state.pt")
+             if re.fullmatch(r"step_\d+", p.parent.name)]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | None, out: Path) -> Path:
@@ -1032,8 +1002,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | Non
     return final
 
 def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None] | None:
-    """Restore adapter and optimizer from the newest readable checkpoint onto the model's device, wherever it was
-    saved: (step, replay), or None if there is none; checkpoints of which none can be read stop the run."""
+    """(step, replay) of the newest readable checkpoint, restored onto the model's device wherever it was saved."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
     device, found = next(model.parameters()).device, checkpoints(out)
@@ -1079,22 +1048,6 @@ def read_metrics(path: Path) -> list[dict]:
             raise ConfigError(f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, "
                               "then --resume again")
     return rows
-
-def restore_run(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None, list[dict]]:
-    """(step, saved replay buffer, metrics rows) from the newest readable checkpoint with --resume (later rows
-    dropped); a run with no checkpoint at all starts from step 0."""
-    found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
-    step, replay = found or (0, None)
-    if not cfg.resume:
-        return step, replay, []
-    rows = [row for row in read_metrics(out / "metrics.jsonl")
-            if row["step"] < step or row["step"] == step and (not row.get("eval/final") or step == cfg.steps)]
-    samples = [row for row in read_metrics(out / "samples.jsonl") if row["step"] <= step]
-    for name, kept in (("metrics.jsonl", rows), ("samples.jsonl", samples)):
-        if (out / name).exists():
-            write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
-    print(f"resuming {out} from step {step}" if found else f"no checkpoint in {out}: starting from step 0")
-    return step, replay, rows
 
 def resume_config(given: dict) -> Config:
     """--resume: the run's own config.json under the flags given; only RESUMABLE fields may change."""
@@ -1142,15 +1095,25 @@ def check_finite(model, losses: list[float], where: str) -> None:
                           "was saved. Lower --lr, or use --dtype float32")
 
 class Run:
-    """train()'s run folder: the resume point, periodic evaluations, each step measured, checked, logged and
-    checkpointed; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, and exit with 128 + the signal."""
+    """train()'s run folder: resumed from its newest checkpoint, each step measured, checked, logged, checkpointed,
+    evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, and exit with 128 + the signal."""
     def __init__(self, cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
         self.cfg, self.model, self.optimizer, self.replay, self.out = cfg, model, optimizer, replay, Path(cfg.out)
-        self.tokenizer, self.stop_ids = tokenizer, stop_ids
-        self.device, self.undo = next(model.parameters()).device, None
-        self.step, saved, self.rows = restore_run(model, optimizer, cfg, self.out)
+        self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, next(model.parameters()).device
+        found = load_checkpoint(model, optimizer, cfg, self.out) if cfg.resume else None
+        (self.step, saved), self.undo = found or (0, None), None
         if saved is not None:
             replay.update(saved)
+        # the rows after the checkpoint go: the steps they describe are repeated
+        self.rows = [row for row in read_metrics(self.out / "metrics.jsonl") if row["step"] < self.step or row[
+            "step"] == self.step and (not row.get("eval/final") or self.step == cfg.steps)] if cfg.resume else []
+        if cfg.resume:
+            samples = [row for row in read_metrics(self.out / "samples.jsonl") if row["step"] <= self.step]
+            for name, kept in (("metrics.jsonl", self.rows), ("samples.jsonl", samples)):
+                if (self.out / name).exists():
+                    write_atomic(self.out / name, "".join(json.dumps(row) + "\n" for row in kept))
+            print(f"resuming {self.out} from step {self.step}" if found else f"no checkpoint in {self.out}: starting "
+                  "from step 0")
         finished = any(row.get("eval/final") for row in self.rows)
         self.result = json.loads((self.out / "final_eval.json").read_text()) if finished else None
 
@@ -1171,26 +1134,24 @@ class Run:
                   f"tokenrl.py --resume --out {self.out}", file=sys.stderr)
             raise SystemExit(128 + signum)
 
-    def log(self, row: dict) -> None:
-        """metrics.jsonl, and the tracker if --report-to names one."""
-        log_row(self.out / "metrics.jsonl", row)
-        self.send(row)
+    def log(self, row: dict, file: str = "metrics.jsonl") -> None:
+        """A row to metrics.jsonl and the --report-to tracker, or to samples.jsonl."""
+        log_row(self.out / file, row)
+        if file == "metrics.jsonl":
+            self.rows.append(row)
+            self.send(row)
 
     def steps(self, accuracy: Callable[[], tuple[float, list]]):
-        """The step indices still to run, each snapshotted to be undone if cut short; `accuracy` (evaluate's result
-        on the periodic test subset) every --eval-every steps."""
+        """The step indices still to run, each undone if cut short; accuracy() (evaluate's) every --eval-every."""
         cfg = self.cfg
         def evaluate_if_due(at: int) -> None:
             if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
                     row["step"] == at and "eval/accuracy" in row for row in self.rows):
                 value, predictions = accuracy()
-                row = {"step": at, "eval/accuracy": value, "eval/n": len(predictions)}
-                self.rows.append(row)
-                self.log(row)
-                tqdm.write(f"step {at}: accuracy {row['eval/accuracy']:.3f} on {row['eval/n']} test problems")
+                self.log({"step": at, "eval/accuracy": value, "eval/n": len(predictions)})
+                tqdm.write(f"step {at}: accuracy {value:.3f} on {len(predictions)} test problems")
         if self.result:
-            print(f"{self.out} is finished; raise --steps to train it further")
-            return
+            return print(f"{self.out} is finished; raise --steps to train it further")
         evaluate_if_due(self.step)  # the step-0 evaluation, or one that an interruption cut short
         self.bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
         for step_index in self.bar:
@@ -1201,42 +1162,32 @@ class Run:
 
     @contextlib.contextmanager
     def measure(self, part: str, stats: dict):
-        """train_on_problem's measure: times "sample" and "update"; TRL's entropy while sampling; the update's
-        backward memory and its entropy at the loss positions."""
-        start, cfg = sync_time(), self.cfg
+        """train_on_problem's measure: time, entropy and memory of its "sample" and "update" parts."""
+        start, cfg, name = sync_time(), self.cfg, "entropy" if part == "sample" else "loss_entropy"
         temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
-        watch = (sampling_entropy(self.model, temperature, cfg.group_size) if part == "sample" else
-                 measured(self.model, temperature))
-        with watch as tally:
+        with measured(self.model, temperature, copies=cfg.group_size if part == "sample" else 0) as tally:
             yield
-        name = "entropy" if part == "sample" else "loss_entropy"
         stats.update({f"time_{part}": sync_time() - start, f"{name}_sum": tally["entropy"], f"{name}_n": tally["n"],
-                      f"peak_mb_{part}": tally.get("peak_mb", 0.0)})
-        if part == "update":
-            stats["backward_bytes"] = tally["peak"]
+                      f"peak_mb_{part}": tally.get("peak_mb", 0.0), f"backward_bytes_{part}": tally["peak"]})
 
     def log_step(self, row: dict) -> None:
-        """Check, complete and log a finished step's row, write its samples, checkpoint when due."""
+        """Check, complete and log a finished step's row, write its samples, and checkpoint when due."""
         cfg, groups = self.cfg, row.pop("groups")
         check_finite(self.model, [g["loss"] for g in groups], f"step {row['step']}")
-        main = [g for g in groups if "replay_prefix" not in g]
-        replayed = [g for g in groups if "replay_prefix" in g]
+        main, replayed = [g for g in groups if "replay_prefix" not in g], [g for g in groups if "replay_prefix" in g]
         peaks = [peak_memory_mb(self.device)] + [g[k] for g in groups for k in ("peak_mb_sample", "peak_mb_update")]
-        row.update(group_health(main, self.stop_ids),
+        row.update(group_health(main, self.stop_ids), **lora_norms(self.model),
                    **(group_health(replayed, self.stop_ids, "replay/") if replayed else {}),
                    **({"replay/grad_norm": sum(g["grad_norm"] for g in replayed) / len(replayed)} if replayed else {}),
                    **{"tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
                       "time/sample": round(sum(g["time_sample"] for g in groups), 4),
                       "time/update": round(sum(g["time_update"] for g in groups), 4),
                       "memory/peak_mb": round(max(peaks), 1),
-                      "memory/backward_mb": round(max(g["backward_bytes"] for g in groups) / 2 ** 20, 2)},
-                   **lora_norms(self.model))
-        if cfg.sample_every and row["step"] % cfg.sample_every == 0:  # what the model writes, as it learns
-            for g in main:
-                texts = self.tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
-                log_row(self.out / "samples.jsonl", {
-                    "step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
-                    "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]})
+                      "memory/backward_mb": round(max(g["backward_bytes_update"] for g in groups) / 2 ** 20, 2)})
+        for g in main if cfg.sample_every and row["step"] % cfg.sample_every == 0 else []:  # what the model writes
+            texts = self.tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
+            self.log({"step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
+                      "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]}, "samples.jsonl")
         self.log(row)
         self.step, self.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
         self.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
@@ -1247,17 +1198,20 @@ class Run:
     def finish(self, accuracy: float, predictions: list[dict]) -> dict:
         """The trained adapter, every prediction, and the full test set's accuracy (final_eval.json)."""
         save_adapter(self.model, self.out / "adapter")
-        write_atomic(self.out / "predictions_final.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        result = {"accuracy": accuracy, "n": len(predictions), "steps": self.step}
-        write_atomic(self.out / "final_eval.json", json.dumps(result, indent=2))
+        result = write_evaluation(self.out, "final_eval", accuracy, predictions, steps=self.step)
         self.log({"step": self.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
-        print(f"final accuracy {accuracy:.4f} on {len(predictions)} {self.cfg.task} test problems -> "
-              f"{self.out / 'final_eval.json'}")
         return result
+
+def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[dict], **about) -> dict:
+    """<name>.json, final_eval (training) or eval (--eval-only), and every prediction, predictions_final / _eval."""
+    write_atomic(out / f"predictions_{name.split('_')[0]}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    result, path = {"accuracy": accuracy, "n": len(predictions), **about}, out / f"{name}.json"
+    write_atomic(path, json.dumps(result, indent=2))
+    print(f"accuracy {accuracy:.4f} on {len(predictions)} test problems -> {path}")
+    return result
 
 def evaluate_only(cfg: Config) -> float:
     """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
-    out = Path(cfg.out)
     _, test = load_task(dataclasses.replace(cfg, steps=0))
     cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, test)
     if cfg.adapter:
@@ -1271,10 +1225,7 @@ def evaluate_only(cfg: Config) -> float:
     accuracy, predictions = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size,
                                      stop_ids=stop_ids, pad_id=pad_id)
-    write_atomic(out / "predictions_eval.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    result = {"accuracy": accuracy, "n": len(test), "model": cfg.model, "adapter": cfg.adapter or None}
-    write_atomic(out / "eval.json", json.dumps(result, indent=2))
-    print(f"accuracy {accuracy:.4f} on {len(test)} {cfg.task} test problems -> {out / 'eval.json'}")
+    write_evaluation(Path(cfg.out), "eval", accuracy, predictions, model=cfg.model, adapter=cfg.adapter or None)
     return accuracy
 
 # --- Validation: every value checked before any work ------------------------------------------------------------------
@@ -1392,10 +1343,7 @@ def main(argv: list[str] | None = None) -> int:
         with lock_folder(Path(cfg.out)), quiet_peft():
             prepare_out(cfg)
             (evaluate_only if cfg.eval_only else train)(cfg)
-    except ConfigError as error:
-        print(f"tokenrl: error: {error}", file=sys.stderr)
-        return 2
-    except FloatingPointError as error:  # the sampler met NaN or inf logits
+    except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # while loading or evaluating: a training run saves and says so itself
