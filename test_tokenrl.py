@@ -1237,6 +1237,9 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
                  marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio installed")),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
     (["--pack-tokens", "0"], "--pack-tokens must be >= 1"),
+    (["--temperature", "1e-45"], "--temperature must be >= 0.0001"),
+    (["--eval-temperature", "1e-30"], "--eval-temperature must be 0 (greedy) or >= 0.0001"),
+    (["--device", "mps"], "--device mps: the sampler draws in float64, which MPS lacks"),
 ])
 def test_bad_input_stops_with_one_line(args, message, capsys, tmp_path, svamp_file, tiny_dir):
     records = json.loads(Path(svamp_file).read_text())
@@ -1613,6 +1616,104 @@ def test_steps_0_then_resume_trains(tmp_path, tiny_dir, svamp_file):
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert [r["step"] for r in rows if r.get("eval/final")] == [2]
+
+
+def saved_on_cuda(path: Path) -> None:
+    """Rewrite a torch.save file as if its tensors had been saved on a GPU ("cuda:0" as each storage's location)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):  # pickle's BINUNICODE: opcode, 4-byte length, text
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            archive.writestr(info, data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_checkpoints_saved_on_a_gpu_resume_on_a_cpu(tmp_path, tiny_dir, svamp_file):
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
+    assert run_cli(*small_run(tiny_dir, svamp_file, moved, "--steps", 2, "--eval-every", 0, "--save-every", 1)) == 0
+    for checkpoint in tokenrl.checkpoints(moved):  # the run folder comes from a GPU machine
+        saved_on_cuda(checkpoint / "state.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # so torch.load alone cannot read it here
+        torch.load(tokenrl.checkpoints(moved)[-1] / "state.pt", weights_only=False)
+    assert run_cli("--resume", "--out", moved, "--steps", 3) == 0
+    assert_same_run(straight, moved)
+
+
+def test_checkpoints_none_of_which_can_be_read_stop_the_run_and_change_nothing(tmp_path, tiny_dir, svamp_file,
+                                                                             capsys):
+    out = tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 2, "--eval-every", 0, "--save-every", 1)) == 0
+    for checkpoint in tokenrl.checkpoints(out):
+        (checkpoint / "state.pt").write_bytes(b"")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli("--resume", "--out", out, "--steps", 3) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"tokenrl: error: no checkpoint of {out} can be read (step_000001, step_000002)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_of_a_folder_that_holds_no_run_says_so(tmp_path, capsys):
+    typo = tmp_path / "runs" / "sgrpo-svmap"
+    assert run_cli("--resume", "--out", typo) == 2
+    assert capsys.readouterr().err.strip() == (f"tokenrl: error: --resume: {typo} holds no tokenrl run (no "
+                                               "config.json); check --out, or drop --resume to start a new run")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "run"  # the folder does not exist yet when both processes start
+
+    def lost_the_race(lock, flags):  # the winner made the folder, wrote its config and took the lock meanwhile
+        (out / "config.json").write_text("{}")
+        raise BlockingIOError
+
+    monkeypatch.setattr(tokenrl.fcntl, "flock", lost_the_race)
+    with pytest.raises(tokenrl.ConfigError, match="in use by another tokenrl process"):
+        with tokenrl.lock_folder(out):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]  # the winner's files stay
+
+
+def test_a_lock_whose_file_was_removed_meanwhile_is_not_held(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = tokenrl.fcntl.flock
+
+    def holder_left(lock, flags):  # the holder ended and removed .lock between our open and our flock
+        (out / ".lock").unlink()
+        return real(lock, flags)
+
+    monkeypatch.setattr(tokenrl.fcntl, "flock", holder_left)
+    with pytest.raises(tokenrl.ConfigError, match="in use by another tokenrl process"):
+        with tokenrl.lock_folder(out):
+            pass
+
+
+def test_alibi_models_run_t_spmo_one_path_a_pass():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                                         initializer_range=0.5)).eval()
+    assert "ALiBi" in tokenrl.packing_refusal(bloom)
+    assert tokenrl.packing_refusal(build_model(tokenizer)) is None
+    model = tokenrl.add_lora(bloom, 4, 1.0, 4.0, ["query_key_value"])
+    completions = [tokenizer(t)["input_ids"] for t in ["abx", "aby", "acx", "acy"]]
+    adv, first = tokenrl.tspmo_advantages(completions, [1.0, 0.0, 1.0, 0.0])
+    prompt = tokenizer("Q:")["input_ids"]
+    reference = per_completion_tspmo(model, prompt, completions, adv, first, 0.01, 1.0, use_logprob=True)
+    expected = grads(model)
+    zero_grads(model)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, use_logprob=True, pack_tokens=0)
+    assert stats["loss"] == pytest.approx(reference, abs=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["tmp folder", "empty state", "truncated state", "no adapter", "truncated adapter"])

@@ -926,7 +926,7 @@ def prepare_out(cfg: Config) -> Path:
     out = Path(cfg.out)
     if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if not cfg.eval_only:  # before the slow loading: a kill while loading leaves a run that --resume can find
+    if not cfg.eval_only and not cfg.resume:  # before the slow loading: a kill then leaves a run --resume can find
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     return out
 
@@ -942,6 +942,8 @@ def lock_folder(out: Path):
             from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(lock.fileno()).st_ino != os.stat(out / ".lock").st_ino:  # its holder removed it meanwhile
+            raise OSError
     except OSError:
         lock.close()
         raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
@@ -1107,7 +1109,8 @@ class Run:
         # the rows after the checkpoint go: the steps they describe are repeated
         self.rows = [row for row in read_metrics(self.out / "metrics.jsonl") if row["step"] < self.step or row[
             "step"] == self.step and (not row.get("eval/final") or self.step == cfg.steps)] if cfg.resume else []
-        if cfg.resume:
+        if cfg.resume:  # restored: now the flags --resume changed may be written
+            write_atomic(self.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
             samples = [row for row in read_metrics(self.out / "samples.jsonl") if row["step"] <= self.step]
             for name, kept in (("metrics.jsonl", self.rows), ("samples.jsonl", samples)):
                 if (self.out / name).exists():
