@@ -1117,7 +1117,7 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
     assert len(predictions) == 8 and {"completion", "prediction", "correct"} <= set(json.loads(predictions[0]))
     assert json.loads((out / "final_eval.json").read_text())["n"] == 8
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    with tokenrl.quiet_peft():
+    with tokenrl.quiet():
         adapted = PeftModel.from_pretrained(base, str(out / "checkpoints" / "step_000002"))
     saved = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
     assert saved and (out / "checkpoints" / "step_000002" / "state.pt").exists()
@@ -1675,7 +1675,7 @@ def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenrl.fcntl, "flock", lost_the_race)
     with pytest.raises(tokenrl.ConfigError, match="in use by another tokenrl process"):
-        with tokenrl.lock_folder(out):
+        with tokenrl.lock_folder(tokenrl.Config(out=str(out))):
             pass
     assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]  # the winner's files stay
 
@@ -1690,7 +1690,7 @@ def test_a_lock_whose_file_was_removed_meanwhile_is_not_held(tmp_path, monkeypat
 
     monkeypatch.setattr(tokenrl.fcntl, "flock", holder_left)
     with pytest.raises(tokenrl.ConfigError, match="in use by another tokenrl process"):
-        with tokenrl.lock_folder(out):
+        with tokenrl.lock_folder(tokenrl.Config(out=str(out))):
             pass
 
 
@@ -1839,7 +1839,7 @@ def test_no_loading_noise_and_a_labelled_progress_bar(tmp_path, tiny_dir, svamp_
     model.peft_config["default"].base_model_name_or_path = str(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tokenrl.quiet_peft():  # as the command line wraps add_lora: peft's own warning, not the user's
+        with tokenrl.quiet():  # as the command line wraps add_lora: peft's own warning, not the user's
             tokenrl.add_lora(build_model(build_tokenizer()), 2, 1 / 4, 2.0, ["q_proj"])
         tokenrl.save_adapter(model, tmp_path / "adapter")
     assert [str(w.message) for w in caught] == []
@@ -1850,7 +1850,7 @@ def test_no_loading_noise_and_a_labelled_progress_bar(tmp_path, tiny_dir, svamp_
 def test_gguf_progress_bar_is_hidden_only_while_loading():
     gguf_loading = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     real = gguf_loading.tqdm
-    with tokenrl.quiet_gguf_bars():
+    with tokenrl.quiet():
         assert gguf_loading.tqdm([1, 2]).disable
     assert gguf_loading.tqdm is real
 
@@ -1957,7 +1957,7 @@ def test_smollm2_round_trip_train_save_reload(tmp_path):
         trained = tokenrl.completion_logprobs(model, prompt, [completion], [positions], 0.3)[0]
     assert float((trained - start).abs().max()) > 1e-5  # the step moved the policy
     fresh, _ = tokenrl.load_model("smollm2", torch.float32, torch.device("cpu"))
-    with tokenrl.quiet_peft():
+    with tokenrl.quiet():
         reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
     with torch.no_grad():
         after = tokenrl.completion_logprobs(reloaded, prompt, [completion], [positions], 0.3)[0]

