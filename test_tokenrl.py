@@ -1889,6 +1889,112 @@ def test_cli_subprocess_help_and_error():
         "tokenrl: error: --group-size must be >= 2 (got 1); a group needs a baseline"]
     help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout
     assert "--replay-success" in help_text and "paper silent" in help_text
+    flat = " ".join(help_text.split())  # argparse wraps the help text
+    for default in ("[default: 0.3]", "[default: 0.0001]", "[default: Qwen/Qwen2-1.5B]", "[default: False]",
+                    "[default: per --task and --algo]", "[default: '']"):
+        assert default in flat, default
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 1 is the paper and stands alone; the commands in the docstring and the README run
+
+
+def part_1_source() -> str:
+    text = Path(tokenrl.__file__).read_text()
+    return text[: text.index("# ========== Part 2")]
+
+
+def test_part_1_runs_by_itself_and_trains():
+    import ast
+
+    part_1 = {}
+    exec(compile(part_1_source(), "part_1", "exec"), part_1)  # nothing of Part 2 is defined here
+    assert "load_model" not in part_1 and "run_folder" not in part_1 and "sgrpo_update" in part_1
+    tokenizer = build_tokenizer()
+    model = part_1["add_lora"](build_model(tokenizer, 3, **PEAKED), 4, 1 / 2, 4.0, ["q_proj", "v_proj"])
+    eos = tokenizer.eos_token_id
+    stop_ids = part_1["stop_token_ids"](tokenizer, model)
+    problem = part_1["Problem"](part_1["mult_question"](3, 4), 12)
+    prompt = part_1["encode_prompt"]("mult", problem, tokenizer)
+    torch.manual_seed(0)
+    completions, rewards = part_1["sample_group"](model, tokenizer, prompt, 12, group_size=6, max_new_tokens=8,
+                                                  temperature=1.0, stop_ids=stop_ids, pad_id=eos)
+    assert len(completions) == 6 and all(1 <= len(c) <= 8 for c in completions)
+    rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # the tiny model never answers: give the group a signal
+    sets = [torch.arange(len(c)) for c in completions]
+    part_1["sgrpo_update"](model, prompt, completions, part_1["group_advantages"](torch.tensor(rewards)), sets,
+                           beta=0.01, loss_temperature=1.0)
+    assert sum(float(g.abs().sum()) for g in grads(model).values()) > 0
+    zero_grads(model)
+    adv, unique_pairs = part_1["tspmo_advantages"](completions, rewards)
+    part_1["tspmo_update"](model, prompt, completions, adv, unique_pairs, lam=0.0, loss_temperature=1.0,
+                           use_logprob=True)
+    assert sum(float(g.abs().sum()) for g in grads(model).values()) > 0
+    # and no function above the banner but train() names anything defined below it
+    tree, below = ast.parse(Path(tokenrl.__file__).read_text()), set()
+    banner = len(part_1_source().splitlines())
+    for node in tree.body:
+        if node.lineno > banner:
+            below |= {node.name} if hasattr(node, "name") else {t.id for t in getattr(node, "targets", [])
+                                                                if isinstance(t, ast.Name)}
+    for node in tree.body:
+        if node.lineno < banner and isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "train":
+            assert not {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & below, node.name
+
+
+def closure_lines(name: str) -> int:
+    """Lines of a function of tokenrl.py with every function of the file it calls, directly or not."""
+    import ast
+
+    defs = {n.name: n for n in ast.parse(Path(tokenrl.__file__).read_text()).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    seen, todo = set(), [name]
+    while todo:
+        x = todo.pop()
+        if x in defs and x not in seen:
+            seen.add(x)
+            todo += [n.id for n in ast.walk(defs[x]) if isinstance(n, ast.Name)]
+    return sum(defs[x].end_lineno - min([d.lineno for d in defs[x].decorator_list] + [defs[x].lineno]) + 1
+               for x in seen)
+
+
+def test_the_updates_copy_out_small():
+    assert closure_lines("sgrpo_update") <= 70 and closure_lines("tspmo_update") <= 90
+    assert len(Path(tokenrl.__file__).read_text().splitlines()) <= 1300
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def documented_commands() -> list[list[str]]:
+    """Every `python tokenrl.py ...` command of the module docstring and of the README's bash blocks."""
+    import shlex
+
+    texts = [tokenrl.__doc__] + re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = []
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            if "python tokenrl.py" in line:
+                line = line[line.index("python tokenrl.py"):].split("#")[0].split(";")[0]
+                commands.append(shlex.split(line.replace("$seed", "0").replace("$algo", "sgrpo"))[2:])
+    return commands
+
+
+def test_the_readmes_resume_list_is_the_codes():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"may change only what does not change the training \((.*?)\)", text)[1]
+    assert set(re.findall(r"--[a-z-]+", listed)) == {"--" + k.replace("_", "-") for k in tokenrl.RESUMABLE - {"resume"}}
+
+
+def test_every_documented_command_is_valid():
+    commands = documented_commands()
+    assert len(commands) >= 25
+    for argv in commands:
+        given = vars(tokenrl.build_parser().parse_args(argv))
+        if given.get("resume"):
+            continue
+        cfg = tokenrl.resolve_config(tokenrl.Config(**given))
+        if cfg.task == "mult":  # the problem sets are built: enough problems for the test set and training
+            train, test = tokenrl.load_task(cfg)
+            assert len(test) == cfg.test_size and len(train) == cfg.steps * cfg.batch_size
 
 
 # ------------------------------------------------------------------------------------------------------------

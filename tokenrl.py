@@ -468,10 +468,9 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
                  temperature: float, stop_ids: list[int], pad_id: int,
                  replay_prefix: list[int] = ()) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; replay_prefix tokens (§3.3) count as their start."""
-    replay_prefix = list(replay_prefix)
-    completions = generate(model, [prompt + replay_prefix], max_new_tokens, temperature, stop_ids=stop_ids,
+    completions = generate(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
                            pad_id=pad_id, copies=group_size)
-    texts = tokenizer.batch_decode([replay_prefix + c for c in completions], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([list(replay_prefix) + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
@@ -734,7 +733,14 @@ def setup(cfg: Config, problems: list[Problem]):
     if not stop_ids:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    check_lengths(cfg.task, problems, tokenizer, model, max_new_tokens=cfg.max_new_tokens)
+    context = getattr(model.config, "max_position_embeddings", None)  # every prompt plus --max-new-tokens fits it
+    longest = sorted(problems, key=lambda problem: len(problem.question))[-8:]  # characters: a cheap first cut
+    length, problem = max(((len(encode_prompt(cfg.task, p, tokenizer)), p) for p in longest), key=lambda x: x[0],
+                          default=(0, None))
+    if context and length + cfg.max_new_tokens > context:
+        raise ConfigError(f"a {length}-token prompt ({problem.question[:40]!r}...) plus --max-new-tokens "
+                          f"{cfg.max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
+                          "or leave that problem out of --data")
     missing = set(cfg.lora_targets.split(",")) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if missing and not cfg.eval_only:
         raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(sorted(missing))}; the "
@@ -796,9 +802,8 @@ def reference_from_first_adapted_layer(model, prompt: list[int], completions: li
 
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
 def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int = 1) -> None:
-    """Add the entropies of softmax(logits / T), rows (..., V), `weight` times; the peak restarts after it, the peak
-    before it kept in tally["peak_mb"], so that the figure adds nothing to the memory reported."""
-    tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))
+    """Add the entropies of softmax(logits / T), rows (..., V), `weight` times, adding nothing to the peak reported."""
+    tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))  # the peak before it; reset after
     with torch.no_grad():
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
         tally["entropy"] += weight * float(-(logp.exp() * logp).sum())
@@ -851,19 +856,12 @@ def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> d
             f"{prefix}entropy": mean("entropy"), f"{prefix}entropy/loss_positions": mean("loss_entropy")}
 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
-    """sqrt of Eq. 10's penalty (lora_l2), and the norms of the A and B matrices apart. B starts at zero, so the
-    policy term gives A no gradient at first; with lambda > 0, Adam then moves A toward zero by about lr a step."""
+    """sqrt of Eq. 10's penalty (lora_l2), and of its A and B parts (B starts at 0: at first only lambda moves A)."""
     with torch.no_grad():
         squares = {part: sum(float(w.float().pow(2).sum()) for name, w in model.named_parameters()
                              if re.search(rf"\.lora_(embedding_)?{part}\b", name)) for part in "AB"}  # as lora_l2
     return {"lora/norm": math.sqrt(squares["A"] + squares["B"]), "lora/norm_a": math.sqrt(squares["A"]),
             "lora/norm_b": math.sqrt(squares["B"])}
-
-def sync_time() -> float:
-    """perf_counter after the GPU has finished its queued work, so timings measure the work."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
     """The peak since the last reset=True: CUDA's allocated memory, or the resident set (Linux's VmHWM)."""
@@ -945,10 +943,9 @@ def lock_folder(cfg: Config):
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (a scheduler) or SIGHUP (a closed terminal), args[0] the signal: saved as for Ctrl-C."""
-
-def interrupt(signum: int, frame) -> None:
-    """The handler of SIGTERM and SIGHUP."""
-    raise Interrupted(signum)
+    @staticmethod
+    def handler(signum: int, frame) -> None:
+        raise Interrupted(signum)
 
 @contextlib.contextmanager
 def signals_ignored():
@@ -982,8 +979,7 @@ def save_checkpoint(model, optimizer, step: int, cfg: Config, replay: dict | Non
 
 def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict | None] | None:
     """(step, replay) of the newest readable checkpoint, restored onto the model's device wherever it was saved."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
     device, found = next(model.parameters()).device, checkpoints(out)
     for path in reversed(found):
         try:
@@ -1050,26 +1046,13 @@ def resume_config(given: dict) -> Config:
         raise ConfigError(f"--resume with a changed config ({'; '.join(changed)}); drop those flags or use a new --out")
     return cfg
 
-def snapshot(model, optimizer, replay: dict | None) -> dict:
-    """What one step changes: the LoRA weights, AdamW's state and the replay buffer (to undo a step cut short)."""
-    return {"weights": [p.detach().clone() for p in model.parameters() if p.requires_grad],
-            "optimizer": copy.deepcopy(optimizer.state_dict()), "replay": len(replay["reward"]) if replay else 0}
-
-def rollback(model, optimizer, replay: dict | None, saved: dict) -> None:
-    """Undo a step cut short, back to its snapshot."""
-    with torch.no_grad():
-        for param, weight in zip([p for p in model.parameters() if p.requires_grad], saved["weights"]):
-            param.copy_(weight)
-    optimizer.load_state_dict(saved["optimizer"])
-    optimizer.zero_grad(set_to_none=True)
-    for column in (replay or {}).values():
-        del column[saved["replay"]:]
-
 @contextlib.contextmanager
 def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
     """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged,
     checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, exit 128 + signal."""
     out, device = Path(cfg.out), next(model.parameters()).device
+    trained = [p for p in model.parameters() if p.requires_grad]
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # timings measure the GPU's work
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
     run = types.SimpleNamespace(step=found[0] if found else 0, undo=None, rows=[], result=None)
     if found and found[1] is not None:
@@ -1104,18 +1087,23 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
         evaluate_if_due(run.step, accuracy)  # the step-0 evaluation, or one that an interruption cut short
         run.bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, desc=f"{cfg.algo} {cfg.task}")
         for step_index in run.bar:
-            run.undo = snapshot(model, optimizer, replay)  # a step cut short is undone, so that --resume repeats it
+            # what a step changes, so that one cut short can be undone and --resume repeats it whole
+            run.undo = ([p.detach().clone() for p in trained], copy.deepcopy(optimizer.state_dict()),
+                        len(replay["reward"]) if replay else 0)
             peak_memory_mb(device, reset=True)  # the step's own peak
             yield step_index
             evaluate_if_due(run.step, accuracy)
     @contextlib.contextmanager
     def measure(part: str, stats: dict):  # train_on_problem's: time, entropy and memory of "sample" and "update"
-        start, name = sync_time(), "entropy" if part == "sample" else "loss_entropy"
+        sync()
+        start, name = time.perf_counter(), "entropy" if part == "sample" else "loss_entropy"
         temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
         with measured(model, temperature, copies=cfg.group_size if part == "sample" else 0) as tally:
             yield
-        stats.update({f"time_{part}": sync_time() - start, f"{name}_sum": tally["entropy"], f"{name}_n": tally["n"],
-                      f"peak_mb_{part}": tally.get("peak_mb", 0.0), f"backward_bytes_{part}": tally["peak"]})
+        sync()
+        stats.update({f"time_{part}": time.perf_counter() - start, f"{name}_sum": tally["entropy"],
+                      f"{name}_n": tally["n"], f"peak_mb_{part}": tally.get("peak_mb", 0.0),
+                      f"backward_bytes_{part}": tally["peak"]})
     def log_step(row: dict) -> None:  # check, complete and log a finished step's row; samples; checkpoint when due
         groups, norms = row.pop("groups"), lora_norms(model)
         if not all(map(math.isfinite, [norms["lora/norm"], *(g["loss"] for g in groups)])):  # before any save
@@ -1152,7 +1140,12 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
         with signals_ignored():  # a second signal must not cut the save short
             if run.undo is not None:
-                rollback(model, optimizer, replay, run.undo)
+                with torch.no_grad():
+                    for param, weight in zip(trained, run.undo[0]):
+                        param.copy_(weight)
+                optimizer.load_state_dict(run.undo[1])
+                for column in (replay or {}).values():
+                    del column[run.undo[2]:]
             path = save_checkpoint(model, optimizer, run.step, cfg, replay=replay, out=out)
         signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {run.step}); continue with: python tokenrl.py "
@@ -1245,35 +1238,17 @@ def resolve_config(cfg: Config) -> Config:
         (not cfg.adapter or os.path.isdir(cfg.adapter), f"--adapter {cfg.adapter!r}: no such folder"),
         (not cfg.adapter or os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")),
          f"--adapter {cfg.adapter!r} holds no adapter_config.json; pass a run's adapter/ or checkpoints/step_N/"),
+        (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device), f"--device {cfg.device!r} is not a device; use auto, "
+         "cpu, cuda or cuda:N"),
+        (cfg.device != "mps", "--device mps: the sampler draws in float64, which MPS lacks; use --device cpu"),
+        (not re.fullmatch(r"cuda(:\d+)?", cfg.device) or int(cfg.device[5:] or 0) < torch.cuda.device_count(),
+         f"--device {cfg.device}: " + (f"there are only {torch.cuda.device_count()} GPUs" if torch.cuda.is_available()
+                                      else "torch sees no CUDA GPU here; use --device cpu (or auto)")),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    check_device(cfg.device)
     return cfg
-
-def check_lengths(task: str, problems: list[Problem], tokenizer, model, max_new_tokens: int) -> None:
-    """One line, before any work, when a prompt plus --max-new-tokens would not fit the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = sorted(problems, key=lambda problem: len(problem.question))[-8:]  # characters: a cheap first cut
-    length, problem = max(((len(encode_prompt(task, p, tokenizer)), p) for p in longest), key=lambda x: x[0],
-                          default=(0, None))
-    if context and length + max_new_tokens > context:
-        raise ConfigError(f"a {length}-token prompt ({problem.question[:40]!r}...) plus --max-new-tokens "
-                          f"{max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
-                          "or leave that problem out of --data")
-
-def check_device(name: str) -> None:
-    """A one-line error for a --device that torch does not know or that this machine does not have."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
-    device = torch.device("cpu" if name == "auto" else name)
-    if device.type == "mps":  # the sampler's inverse CDF sums the probabilities in float64, which MPS does not have
-        raise ConfigError("--device mps: the sampler draws in float64, which MPS lacks; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)"
-                          if not torch.cuda.is_available() else
-                          f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
 
 # --- Command line: one flag per Config field, its help string from the field ------------------------------------------
 class _Parser(argparse.ArgumentParser):
@@ -1292,7 +1267,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    handlers = {s: signal.signal(s, Interrupted.handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     cfg = None
     try:
         given = vars(build_parser().parse_args(argv))
