@@ -1978,6 +1978,12 @@ def documented_commands() -> list[list[str]]:
     return commands
 
 
+def test_the_readmes_paper_to_function_table_names_part_1_functions():
+    table = (ROOT / "README.md").read_text().split("| paper | function in `tokenrl.py` |")[1].split("\n\n")[0]
+    names = re.findall(r"`(\w+)`", table)
+    assert len(names) >= 29 and all(f"def {name}(" in part_1_source() for name in names), names
+
+
 def test_the_readmes_resume_list_is_the_codes():
     text = " ".join((ROOT / "README.md").read_text().split())
     listed = re.search(r"may change only what does not change the training \((.*?)\)", text)[1]

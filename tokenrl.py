@@ -23,7 +23,7 @@ validation, command line). Where the paper is silent we chose, and each choice i
   9. AdamW with weight_decay = 0: the paper's only regularisers are beta's KL and lambda's L2 (--weight-decay).
  10. |U| in Eq. 10 counts every unique (prefix, token) pair of the group, those with zero advantage included.
  11. Replay keeps a prefix of length uniform in 0 .. n-1 and scores continuations as whole completions.
- 12. SVAMP from a file splits 700 / 300 by a fixed shuffle; the multiplication test set is fixed, apart from --seed.
+ 12. SVAMP from a file splits 700 / 300 by a fixed shuffle; mult's test set is fixed, --seed draws training apart.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
  14. GRPO and S-GRPO take one completion a pass, §3.4's accumulation (--update-batch); T-SPMO packs its trie's
      paths to non-zero pairs into one sequence, --pack-tokens nodes a pass. Either way the same gradient.
@@ -109,8 +109,7 @@ class Config:
     update_batch: int = flag(1, "GRPO, S-GRPO: completions per forward/backward pass (§3.4: 1); same gradient")
     pack_tokens: int | None = flag(None, "T-SPMO: trie nodes a packed pass (default: --max-new-tokens); same gradient")
 
-# §4.1 and §4.3 defaults, and the best settings of Tables 4 and 6 (a dict keyed by algorithm where they differ).
-PAPER_DEFAULTS = {
+PAPER_DEFAULTS = {  # §4.1 and §4.3, and the best settings of Tables 4 and 6 (keyed by algorithm where they differ)
     "svamp": dict(lora_rank=16, lora_fraction=1 / 3, alpha=100, k=100, replay_success=0, replay_fail=0,
                   test_size=300, group_size={"grpo": 8, "sgrpo": 8, "tspmo": 50},
                   steps={"grpo": 325, "sgrpo": 325, "tspmo": 400}),
@@ -379,9 +378,8 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
             kl_sum = kl_sum + sum(kl_estimate(lp.detach(), ref).sum() for lp, ref in zip(logps, ref_logps))
         else:
             logps, ref_logps = completion_logprobs(*inputs, temperature=loss_temperature), [None] * len(chunk)
-        term = -sum(sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps,
-                                                                                                 ref_logps))
-        term = term * scale / group
+        terms = [sgrpo_objective(lp, ref, float(advantages[i]), beta) for i, lp, ref in zip(chunk, logps, ref_logps)]
+        term = -sum(terms) * scale / group
         term.backward()
         loss = loss + term.detach()
     n_tokens = sum(map(len, token_sets))
@@ -806,7 +804,7 @@ def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: i
     tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))  # the peak before it; reset after
     with torch.no_grad():
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
-        tally["entropy"] += weight * float(-(logp.exp() * logp).sum())
+        tally["entropy"] = tally["entropy"] + weight * -(logp.exp() * logp).sum()  # on the device: no sync here
         tally["n"] += weight * logp.shape[:-1].numel()
     del logp
     peak_memory_mb(logits.device, reset=True)
@@ -831,13 +829,14 @@ def measured(model, temperature: float, copies: int = 0):
         return tensor
     def read(module, args, kwargs, output) -> None:
         if copies:
-            add_entropy(tally, output.logits[:, -1], temperature, copies if kwargs["input_ids"].shape[1] > 1 else 1)
+            add_entropy(tally, output.logits[:, -1], temperature, copies if tally["n"] == 0 else 1)  # prefill: copies
         elif torch.is_grad_enabled():
             add_entropy(tally, output.logits.detach(), temperature)
     hook = model.register_forward_hook(read, with_kwargs=True)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield tally
+        tally["entropy"] = float(tally["entropy"])
     finally:
         hook.remove()
 
