@@ -907,8 +907,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def lock_folder(cfg: Config):
-    """The run folder, locked while the run lives, refused if it holds another run; a new run's config.json written
-    first; folders made here go again if the run wrote only its config."""
+    """The run folder, locked while the run lives; folders made here go again if the run wrote only its config."""
     out = Path(cfg.out)
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
@@ -926,9 +925,9 @@ def lock_folder(cfg: Config):
         raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
                           "--out") from None
     try:
-        if not cfg.resume and not cfg.eval_only and (out / "metrics.jsonl").exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        if not cfg.eval_only and not cfg.resume:  # before the slow loading: a kill then leaves a run --resume finds
+        if not cfg.resume and not cfg.eval_only:  # a new run: its config.json before the slow loading, for --resume
+            if (out / "metrics.jsonl").exists():
+                raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
             write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         yield
     finally:
@@ -1101,8 +1100,9 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
             yield
         sync()
         stats.update({f"time_{part}": time.perf_counter() - start, f"{name}_sum": tally["entropy"],
-                      f"{name}_n": tally["n"], f"peak_mb_{part}": tally.get("peak_mb", 0.0),
-                      f"backward_bytes_{part}": tally["peak"]})
+                      f"{name}_n": tally["n"], f"peak_mb_{part}": tally.get("peak_mb", 0.0)})
+        if part == "update":  # sampling runs no backward
+            stats["backward_bytes"] = tally["peak"]
     def log_step(row: dict) -> None:  # check, complete and log a finished step's row; samples; checkpoint when due
         groups, norms = row.pop("groups"), lora_norms(model)
         if not all(map(math.isfinite, [norms["lora/norm"], *(g["loss"] for g in groups)])):  # before any save
@@ -1117,7 +1117,7 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
                       "time/sample": round(sum(g["time_sample"] for g in groups), 4),
                       "time/update": round(sum(g["time_update"] for g in groups), 4),
                       "memory/peak_mb": round(max(peaks), 1),
-                      "memory/backward_mb": round(max(g["backward_bytes_update"] for g in groups) / 2 ** 20, 2)})
+                      "memory/backward_mb": round(max(g["backward_bytes"] for g in groups) / 2 ** 20, 2)})
         for g in main if cfg.sample_every and row["step"] % cfg.sample_every == 0 else []:  # what the model writes
             texts = tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
             log({"step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
@@ -1130,7 +1130,7 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
             save_checkpoint(model, optimizer, run.step, cfg, replay=replay, out=out)
     def finish(accuracy: float, predictions: list[dict]) -> dict:  # the adapter, final_eval.json, every prediction
         save_adapter(model, out / "adapter")
-        result = write_evaluation(out, "final_eval", accuracy, predictions, steps=run.step)
+        result = write_evaluation(out, "final", accuracy, predictions, steps=run.step)
         log({"step": run.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
         return result
     run.__dict__.update(steps=steps, measure=measure, log_step=log_step, finish=finish)
@@ -1154,9 +1154,10 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
         close()
 
 def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[dict], **about) -> dict:
-    """<name>.json, final_eval (training) or eval (--eval-only), and every prediction, predictions_final / _eval."""
-    write_atomic(out / f"predictions_{name.split('_')[0]}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    result, path = {"accuracy": accuracy, "n": len(predictions), **about}, out / f"{name}.json"
+    """predictions_<name>.jsonl and the result: final_eval.json (name final: training) or eval.json (--eval-only)."""
+    write_atomic(out / f"predictions_{name}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    result = {"accuracy": accuracy, "n": len(predictions), **about}
+    path = out / ("final_eval.json" if name == "final" else "eval.json")
     write_atomic(path, json.dumps(result, indent=2))
     print(f"accuracy {accuracy:.4f} on {len(predictions)} test problems -> {path}")
     return result
