@@ -25,8 +25,8 @@ validation, command line). Where the paper is silent we chose, and each choice i
  11. Replay keeps a prefix of length uniform in 0 .. n-1 and scores continuations as whole completions.
  12. SVAMP from a file splits 700 / 300 by a fixed shuffle; mult's test set is fixed, --seed draws training apart.
  13. Each step is one problem (batch size 1); --batch-size N accumulates N problems per AdamW step (Table 5).
- 14. GRPO and S-GRPO take one completion a pass, §3.4's accumulation (--update-batch); T-SPMO packs its trie's
-     paths to non-zero pairs into one sequence, --pack-tokens nodes a pass. Either way the same gradient.
+ 14. §3.4 accumulates the gradient pass by pass; a pass holds up to --pass-tokens completion tokens (GRPO, S-GRPO:
+     whole completions, padding counted; T-SPMO: the trie's paths to non-zero pairs). Any budget, the same gradient.
  15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
 import argparse
@@ -106,8 +106,11 @@ class Config:
     sample_every: int = flag(25, "write the step's problems, completions and rewards to samples.jsonl every N steps")
     report_to: str = flag("none", "none | tensorboard | wandb | trackio: also send every metrics row there")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
-    update_batch: int = flag(1, "GRPO, S-GRPO: completions per forward/backward pass (§3.4: 1); same gradient")
-    pack_tokens: int | None = flag(None, "T-SPMO: trie nodes a packed pass (default: --max-new-tokens); same gradient")
+    pass_tokens: int | None = flag(None, "completion tokens a forward/backward pass (T-SPMO: trie nodes); 0: one "
+                                   "completion a pass (§3.4); default 4096 on a GPU, 256 on a CPU; same gradient")
+    sampler: str = flag("auto", "auto (static on CUDA, else eager) | eager | static: a static KV cache, and on CUDA "
+                        "each one-token forward replayed as a CUDA graph; the same draws")
+    bench: bool = flag(False, "time sampling, each update and a paper row on --device and --model, then exit")
 
 PAPER_DEFAULTS = {  # §4.1 and §4.3, and the best settings of Tables 4 and 6 (keyed by algorithm where they differ)
     "svamp": dict(lora_rank=16, lora_fraction=1 / 3, alpha=100, k=100, replay_success=0, replay_fail=0,
@@ -305,18 +308,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     out: list[list[int]] = [[] for _ in range(len(live))]
     stops = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):
-        if temperature > 0:  # inverse CDF: exactly softmax(logits / T), and far cheaper than multinomial on a CPU
-            cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)  # (B, V)
-            u = torch.rand(len(cdf), 1, dtype=torch.float64, device=device) * cdf[:, -1:]  # (B, 1)
-            token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)  # (B,)
-        else:
-            token = logits.argmax(dim=-1)
-        # NaN or +inf logits have no distribution: -1 marks the row, read with the tokens (one sync a step)
-        token = torch.where(torch.isfinite(torch.logsumexp(logits, dim=-1)), token, -1)
+        # a uniform for every row, finished or not: any sampler that keeps finished rows draws the same tokens
+        u = torch.rand(len(out), 1, dtype=torch.float64, device=device)[live] if temperature > 0 else None
+        token = draw(logits, temperature, u)  # (B,), read with the tokens: one sync a step
         for row, v in zip(live.tolist(), token.tolist()):
             if v < 0:
-                raise FloatingPointError(f"completion {row}'s next-token probabilities are not finite (NaN or inf "
-                                         "logits); the model's weights are broken: use --dtype float32 or a lower --lr")
+                raise FloatingPointError(NOT_FINITE.format(row))
             out[row].append(v)
         going = ~torch.isin(token, stops)
         if t == max_new_tokens - 1 or not going.any():
@@ -328,6 +325,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), position + 1
         logits = next_logits(token[:, None])
     return out
+
+NOT_FINITE = ("completion {}'s next-token probabilities are not finite (NaN or inf logits); the model's weights are "
+              "broken: use --dtype float32 or a lower --lr")
+
+def draw(logits: torch.Tensor, temperature: float, u: torch.Tensor | None) -> torch.Tensor:
+    """Next tokens (B,) from softmax(logits / T), (B, V), by inverse CDF at uniforms u (B, 1); greedy when T = 0.
+    -1 marks a row whose logits are NaN or +inf: it has no distribution."""
+    if temperature > 0:  # exactly softmax(logits / T), and far cheaper than multinomial on a CPU
+        cdf = torch.softmax(logits / temperature, dim=-1).double().cumsum(dim=-1)  # (B, V)
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)  # (B,)
+    else:
+        token = logits.argmax(dim=-1)
+    return torch.where(torch.isfinite(torch.logsumexp(logits, dim=-1)), token, -1)
 
 # --- Log-probabilities at the loss positions only (the inputs of Eq. 4, 5 and 10) -------------------------------------
 def completion_logprobs(model, prompt: list[int], completions: list[list[int]], positions: list[torch.Tensor],
@@ -363,15 +373,14 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
 # --- The updates: each accumulates the gradient of -J pass by pass (§3.4), then the caller's AdamW steps --------------
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, loss_temperature: float, scale: float = 1.0,
-                 update_batch: int = 1, reference: Callable | None = None) -> dict:
+                 pass_tokens: int = 0, reference: Callable | None = None) -> dict:
     """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO, the loss's
     logits / loss_temperature; token_sets[i]: (N_i,) positions of T_i. Returns the loss, mean KL and loss tokens."""
     group, reference = len(completions), reference or logprobs_and_reference
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
-    kept = [i for i in range(group) if len(token_sets[i])]
+    lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # ~ y_<max(T_i)
     loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
-    for start in range(0, len(kept), update_batch):
-        chunk = kept[start:start + update_batch]
+    for chunk in passes(lengths, pass_tokens):
         inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
         if beta:  # pi_ref: the base model, never updated (§3.2)
             logps, ref_logps = reference(*inputs, temperature=loss_temperature)
@@ -385,15 +394,26 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
     n_tokens = sum(map(len, token_sets))
     return {"loss": float(loss), "kl": float(kl_sum) / max(n_tokens, 1), "loss_tokens": n_tokens}
 
+def passes(lengths: dict[int, int], pass_tokens: int) -> list[list[int]]:
+    """§3.4's passes by a budget: the keys of `lengths` grouped so that rows x longest row <= pass_tokens (0: one a
+    pass), shortest first so that little of a pass is padding."""
+    chunks = []
+    for i in sorted(lengths, key=lengths.get):
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= pass_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
 def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: torch.Tensor,
                  unique_pairs: torch.Tensor, lam: float, loss_temperature: float, scale: float = 1.0,
-                 use_logprob: bool = False, pack_tokens: int = 300) -> dict:
+                 use_logprob: bool = False, pass_tokens: int = 300) -> dict:
     """Eq. 10: backpropagate -scale * J_TSPMO, the loss's logits / loss_temperature, running only the trie nodes on
-    the paths to pairs with A != 0, at most pack_tokens a pass (0: each path apart: attention without custom masks)."""
+    the paths to pairs with A != 0, at most pass_tokens a pass (0: each path apart: attention without custom masks)."""
     n_unique = int(unique_pairs.sum())  # |U|: every unique pair of the group, zero-advantage ones included
     active = unique_pairs & (adv != 0)  # (G, T): the pairs that need the model
     loss = torch.zeros((), device=next(model.parameters()).device)
-    for nodes, parents, rows, pairs in pack_trie(completions, active, pack_tokens):
+    for nodes, parents, rows, pairs in pack_trie(completions, active, pass_tokens):
         logp = trie_pass(model, prompt, nodes, parents=parents, rows=rows, temperature=loss_temperature,
                          targets=[completions[i][t] for i, t in pairs])  # (N,)
         advantages = torch.tensor([float(adv[i, t]) for i, t in pairs], device=logp.device)
@@ -404,8 +424,8 @@ def tspmo_update(model, prompt: list[int], completions: list[list[int]], adv: to
     penalty.backward()
     return {"loss": float(loss + penalty.detach()), "unique_pairs": n_unique, "loss_tokens": int(active.sum())}
 
-def pack_trie(completions: list[list[int]], active: torch.Tensor, pack_tokens: int) -> list[tuple]:
-    """The trie nodes on the paths to the active pairs, in passes of at most `pack_tokens` nodes: (nodes, parents,
+def pack_trie(completions: list[list[int]], active: torch.Tensor, pass_tokens: int) -> list[tuple]:
+    """The trie nodes on the paths to the active pairs, in passes of at most `pass_tokens` nodes: (nodes, parents,
     rows, pairs) a pass, with node tokens, parents, and for each pair (i, t) the node that predicts y_t (-1: prompt)."""
     passes, children = [], {}
     for i in active.any(dim=1).nonzero()[:, 0].tolist():
@@ -413,7 +433,7 @@ def pack_trie(completions: list[list[int]], active: torch.Tensor, pack_tokens: i
         path, node, known = completions[i][:ts[-1]], -1, 0  # a pair at t needs the prefix y_<t only
         while known < len(path) and (node, path[known]) in children:
             node, known = children[node, path[known]], known + 1
-        if not passes or known < len(path) and passes[-1][0] and len(passes[-1][0]) + len(path) - known > pack_tokens:
+        if not passes or known < len(path) and passes[-1][0] and len(passes[-1][0]) + len(path) - known > pass_tokens:
             passes.append(([], [], [], []))  # a new pass repeats the ancestors it needs
             children = {}
         nodes, parents, rows, pairs = passes[-1]
@@ -463,17 +483,18 @@ def trie_attention_mask(model, sees: torch.Tensor, depth: torch.Tensor) -> torch
 
 # --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
-                 temperature: float, stop_ids: list[int], pad_id: int,
-                 replay_prefix: list[int] = ()) -> tuple[list[list[int]], list[float]]:
+                 temperature: float, stop_ids: list[int], pad_id: int, replay_prefix: list[int] = (),
+                 sampler: Callable = generate) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; replay_prefix tokens (§3.3) count as their start."""
-    completions = generate(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
-                           pad_id=pad_id, copies=group_size)
+    completions = sampler(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
+                          pad_id=pad_id, copies=group_size)
     texts = tokenizer.batch_decode([list(replay_prefix) + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
-                     measure: Callable | None = None, reference: Callable | None = None) -> dict:
+                     measure: Callable | None = None, reference: Callable | None = None,
+                     sampler: Callable = generate) -> dict:
     """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
     measure = measure or (lambda part, stats: contextlib.nullcontext())  # Part 2 passes one that times and weighs
@@ -481,21 +502,21 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
         completions, rewards = sample_group(model, tokenizer, prompt, answer, group_size=cfg.group_size,
                                             max_new_tokens=cfg.max_new_tokens - len(replay_prefix),
                                             temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
-                                            replay_prefix=replay_prefix)
+                                            replay_prefix=replay_prefix, sampler=sampler)
     loss_temperature = cfg.temperature if cfg.logp_temperature else 1.0
     with measure("update", stats):
         if cfg.algo == "tspmo":
             adv, unique_pairs = tspmo_advantages(completions, rewards)
             stats.update(tspmo_update(model, prompt + replay_prefix, completions, adv, unique_pairs=unique_pairs,
                                       lam=cfg.lam, loss_temperature=loss_temperature, scale=scale,
-                                      use_logprob=cfg.tspmo_logprob, pack_tokens=cfg.pack_tokens))
+                                      use_logprob=cfg.tspmo_logprob, pass_tokens=cfg.pass_tokens))
         else:
             advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
             token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
                           sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                           for c in completions]
             stats.update(sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
-                                      loss_temperature=loss_temperature, scale=scale, update_batch=cfg.update_batch,
+                                      loss_temperature=loss_temperature, scale=scale, pass_tokens=cfg.pass_tokens,
                                       reference=reference))
     return {**stats, "completions": completions, "rewards": rewards}
 
@@ -562,13 +583,14 @@ def train_step(model, tokenizer, problems: list[Problem], replay: dict | None, c
 
 # --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
-             batch_size: int, stop_ids: list[int], pad_id: int, desc: str = "eval") -> tuple[float, list[dict]]:
+             batch_size: int, stop_ids: list[int], pad_id: int, sampler: Callable = generate,
+             desc: str = "eval") -> tuple[float, list[dict]]:
     """(accuracy over `problems`, every prediction: question, answer, completion, prediction, correct)."""
     predictions = []
     for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         batch = problems[start: start + batch_size]
-        outputs = generate(model, [encode_prompt(task, problem, tokenizer) for problem in batch], max_new_tokens,
-                           temperature, stop_ids=stop_ids, pad_id=pad_id)
+        outputs = sampler(model, [encode_prompt(task, problem, tokenizer) for problem in batch], max_new_tokens,
+                          temperature, stop_ids=stop_ids, pad_id=pad_id)
         for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
             predictions.append({"question": problem.question, "answer": problem.answer, "completion": text,
                                 "prediction": last_integer(text), "correct": bool(reward(text, problem.answer))})
@@ -578,7 +600,7 @@ def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_token
 def train(cfg: Config) -> dict:
     """§4.1: cfg.steps AdamW updates; Part 2's run_folder keeps the run (resume, logs, signals) and measures it."""
     problems, test = load_task(cfg)
-    cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, problems + test)
+    cfg, model, tokenizer, stop_ids, pad_id, sampler = setup(cfg, problems + test)
     torch.manual_seed(cfg.seed)  # LoRA's A starts random: same --seed, same start
     model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
                      targets=cfg.lora_targets.split(","))
@@ -590,12 +612,13 @@ def train(cfg: Config) -> dict:
     def accuracy(subset: list[Problem]) -> tuple[float, list[dict]]:  # §4.2
         return evaluate(model, tokenizer, cfg.task, subset, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
-                        pad_id=pad_id)
-    with run_folder(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids) as run:
+                        pad_id=pad_id, sampler=sampler)
+    with run_folder(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids,
+                    sampler=sampler) as run:
         for step_index in run.steps(lambda: accuracy(test[: cfg.eval_subset])):  # evaluating every --eval-every
             run.log_step(train_step(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
                                     optimizer=optimizer, step_index=step_index, measure=run.measure,
-                                    reference=reference_from_first_adapted_layer))
+                                    reference=reference_from_first_adapted_layer, sampler=sampler))
         return run.result or run.finish(*accuracy(test))
 
 
@@ -724,9 +747,9 @@ def quiet():
         gguf_loading.tqdm = bar
 
 def setup(cfg: Config, problems: list[Problem]):
-    """(cfg, model, tokenizer, stop ids, pad id) after every check that needs the model; pack_tokens 0 if it can't."""
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], device)
+    """(cfg, model, tokenizer, stop ids, pad id, sampler) after every check that needs the model, and the choices
+    made per device: --pass-tokens, and --sampler (static on CUDA where the model allows it)."""
+    model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], run_device(cfg))
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
     if not stop_ids:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
@@ -743,11 +766,29 @@ def setup(cfg: Config, problems: list[Problem]):
     if missing and not cfg.eval_only:
         raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(sorted(missing))}; the "
                           "paper's are q_proj,v_proj")
-    why = packing_refusal(model)
-    if cfg.algo == "tspmo" and why and not cfg.eval_only:
+    cfg, sampler = device_choices(cfg, model)
+    return cfg, model, tokenizer, stop_ids, pad_id, sampler
+
+def run_device(cfg: Config) -> torch.device:
+    """--device, auto resolved: CUDA when torch sees a GPU."""
+    return torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+def device_choices(cfg: Config, model) -> tuple[Config, Callable]:
+    """(cfg, sampler): --pass-tokens and --sampler filled in for the device and the model."""
+    gpu, why = run_device(cfg).type == "cuda", packing_refusal(model)
+    budget = PASS_TOKENS["cuda" if gpu else "cpu"] if cfg.pass_tokens is None else cfg.pass_tokens
+    if cfg.algo == "tspmo" and why and budget and not cfg.eval_only:
         print(f"T-SPMO forwards each path of its trie apart: {why}", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, pack_tokens=0)
-    return cfg, model, tokenizer, stop_ids, pad_id
+        budget = 0
+    kind = {"auto": "static" if gpu else "eager"}.get(cfg.sampler, cfg.sampler)
+    window, types = getattr(model.config, "sliding_window", None), getattr(model.config, "layer_types", None)
+    if window and (types is None or "sliding_attention" in types):  # one mask serves every layer of a static pass
+        why = why or "its sliding-window layers would need a mask of their own"
+    if kind == "static" and why:
+        print(f"sampling without a static KV cache: {why}", file=sys.stderr)
+        kind = "eager"
+    return dataclasses.replace(cfg, pass_tokens=budget, sampler=kind), (static_sampler(graphs=gpu) if kind == "static"
+                                                                         else generate)
 
 def packing_refusal(model) -> str | None:
     """Why the model cannot take T-SPMO's packed trie (depths as position ids, a custom mask), or None if it can."""
@@ -758,6 +799,116 @@ def packing_refusal(model) -> str | None:
     if "position_ids" not in inspect.signature(lm.forward).parameters or getattr(config, "alibi", False):
         return "its positions are not position ids (ALiBi), so a packed node cannot be told its depth"
     return f"its {', '.join(sorted(kinds))} layers take no custom mask" if kinds else None
+
+# --- Sampling at fixed shapes: a static KV cache, and on CUDA each decoding step one replayed graph -------------------
+PASS_TOKENS = {"cuda": 4096, "cpu": 256}  # --pass-tokens by device: a paper-size GRPO group whole on a GPU; CPU measured
+CACHE_STEP = 256  # cache lengths round up to a multiple: few shapes, so few graphs to capture
+
+def static_sampler(graphs: bool) -> Callable:
+    """generate()'s sampler, the same draws (the same tokens under one seed), over a static KV cache: one fixed-shape
+    batch in which finished rows stay, ignored, and (graphs) each one-token forward replays a captured CUDA graph.
+    Setting .observe(logits, row_weights) reads each step's logits (the entropy measured while sampling)."""
+    from transformers import DynamicCache
+    class StaticKV(DynamicCache):  # keys and values at fixed addresses, written from the position tensor `at`
+        def __init__(self, at: torch.Tensor, length: int):
+            super().__init__()
+            self.at, self.length, self.copies, self.kv = at, length, 1, {}
+        def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+            keys, values = keys.repeat_interleave(self.copies, 0), values.repeat_interleave(self.copies, 0)
+            if layer_idx not in self.kv:  # (B, H, L, D) each
+                self.kv[layer_idx] = [x.new_zeros(*x.shape[:2], self.length, x.shape[3]) for x in (keys, values)]
+            where = self.at + torch.arange(keys.shape[2], device=keys.device)
+            for store, new in zip(self.kv[layer_idx], (keys, values)):
+                store.index_copy_(2, where, new)
+            return tuple(x[::self.copies] for x in self.kv[layer_idx])  # a prefill attends with one row a prompt
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 0
+    slots = {}
+    def build(model, rows: int, length: int) -> types.SimpleNamespace:
+        weight = next(model.parameters())
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        at = torch.zeros(1, dtype=torch.long, device=weight.device)
+        slot = types.SimpleNamespace(at=at, ids=torch.zeros(rows, 1, dtype=torch.long, device=weight.device),
+                                     position=torch.zeros(rows, 1, dtype=torch.long, device=weight.device),
+                                     keys=torch.ones(rows, length, dtype=torch.bool, device=weight.device),
+                                     cache=StaticKV(at, length), name=name)
+        def additive(allowed: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(allowed.shape, dtype=weight.dtype, device=weight.device).masked_fill(
+                ~allowed, torch.finfo(weight.dtype).min)
+        def one_token() -> torch.Tensor:  # (B, 1) ids at position `at` -> (B, V) float32 logits
+            allowed = slot.keys & (torch.arange(length, device=at.device) <= at)  # (B, L)
+            return model(input_ids=slot.ids, position_ids=slot.position, attention_mask=additive(allowed)[:, None, None],
+                         use_cache=True, **{name: slot.cache}).logits[:, -1].float()
+        slot.additive, slot.step = additive, one_token
+        if graphs:
+            start, stream = time.perf_counter(), torch.cuda.Stream(weight.device)
+            try:
+                stream.wait_stream(torch.cuda.current_stream(weight.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(3):  # warm-up off the capture: the cache's buffers, the libraries' workspaces
+                        one_token()
+                torch.cuda.current_stream(weight.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = one_token()
+                slot.step = lambda: (graph.replay(), logits)[1]
+                sample.capture_s += time.perf_counter() - start
+                tqdm.write(f"CUDA graph for {rows} rows x {length} positions: captured in "
+                           f"{time.perf_counter() - start:.2f} s")
+            except RuntimeError as error:  # a model whose forward cannot be captured: eager steps, same draws
+                tqdm.write(f"no CUDA graph ({str(error).splitlines()[0][:120]}); decoding step by step")
+        return slot
+    @torch.inference_mode()
+    def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
+               pad_id: int, copies: int = 1) -> list[list[int]]:
+        device, width, rows = next(model.parameters()).device, max(map(len, prompts)), len(prompts) * copies
+        length = -(-(width + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+        slot = slots.get((id(model), rows, length)) or slots.setdefault((id(model), rows, length),
+                                                                         build(model, rows, length))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B', W) left-padded
+        real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+        position = (real.cumsum(1) - 1).clamp(min=0)  # (B', W)
+        slot.keys.fill_(True)
+        slot.keys[:, :width] = real.repeat_interleave(copies, 0)
+        slot.at.zero_()
+        causal = torch.arange(length, device=device) <= torch.arange(width, device=device)[:, None]  # (W, L)
+        slot.cache.copies = copies  # the prefill runs each prompt once, and its keys fill its `copies` rows
+        try:
+            logits = model(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
+                           attention_mask=slot.additive(slot.keys[::copies, None] & causal)[:, None],
+                           **{slot.name: slot.cache}).logits[:, -1].float()  # (B', V)
+        finally:
+            slot.cache.copies = 1
+        if sample.observe:
+            sample.observe(logits, copies)
+        logits = logits.repeat_interleave(copies, 0)  # (B, V)
+        slot.at.fill_(width)
+        slot.position.copy_(position[:, -1:].repeat_interleave(copies, 0) + 1)
+        out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        done, stops = torch.zeros(rows, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device)
+        for t in range(max_new_tokens):
+            u = torch.rand(rows, 1, dtype=torch.float64, device=device) if temperature > 0 else None
+            out[:, t] = token = draw(logits, temperature, u)
+            done |= torch.isin(token, stops)
+            # a CPU reads `done` every step, as generate does; a GPU every 8th, so Python rarely waits for it
+            if t == max_new_tokens - 1 or (not graphs or t % 8 == 7) and bool(done.all()):
+                break
+            slot.ids.copy_(token.clamp(min=0)[:, None])  # -1 (not finite) stays in `out`, found below
+            logits = slot.step()
+            slot.at += 1
+            slot.position += 1
+            if sample.observe:
+                sample.observe(logits, ~done)
+        completions = []
+        for row, tokens in enumerate(out[:, :t + 1].tolist()):
+            end = next((j + 1 for j, v in enumerate(tokens) if v in stop_ids), len(tokens))
+            if -1 in tokens[:end]:
+                raise FloatingPointError(NOT_FINITE.format(row))
+            completions.append(tokens[:end])
+        return completions
+    sample.observe, sample.capture_s = None, 0.0
+    return sample
 
 # --- pi_ref from the first adapted layer: the same numbers as logprobs_and_reference, less work -----------------------
 @contextlib.contextmanager
@@ -799,13 +950,15 @@ def reference_from_first_adapted_layer(model, prompt: list[int], completions: li
         return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
 
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
-def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int = 1) -> None:
-    """Add the entropies of softmax(logits / T), rows (..., V), `weight` times, adding nothing to the peak reported."""
+def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int | torch.Tensor = 1) -> None:
+    """Add the entropies of softmax(logits / T), rows (..., V), each `weight` times (a number, or one a row), adding
+    nothing to the peak reported."""
     tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))  # the peak before it; reset after
     with torch.no_grad():
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
-        tally["entropy"] = tally["entropy"] + weight * -(logp.exp() * logp).sum()  # on the device: no sync here
-        tally["n"] += weight * logp.shape[:-1].numel()
+        weight = torch.as_tensor(weight, device=logits.device).float().expand(logp.shape[:-1])  # (...,)
+        tally["entropy"] = tally["entropy"] + (weight * -(logp.exp() * logp).sum(-1)).sum()  # on the device: no sync
+        tally["n"] = tally["n"] + weight.sum()
     del logp
     peak_memory_mb(logits.device, reset=True)
 
@@ -836,7 +989,7 @@ def measured(model, temperature: float, copies: int = 0):
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield tally
-        tally["entropy"] = float(tally["entropy"])
+        tally["entropy"], tally["n"] = float(tally["entropy"]), float(tally["n"])
     finally:
         hook.remove()
 
@@ -892,7 +1045,7 @@ def open_tracker(cfg: Config, out: Path) -> tuple:
 
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
-             "update_batch", "pack_tokens", "sample_every", "report_to"}  # what --resume may change: not the training
+             "pass_tokens", "sampler", "sample_every", "report_to"}  # what --resume may change: not the training
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 def save_adapter(model, path: Path) -> None:
@@ -1045,7 +1198,7 @@ def resume_config(given: dict) -> Config:
     return cfg
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int]):
+def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int], sampler: Callable):
     """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged,
     checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, exit 128 + signal."""
     out, device = Path(cfg.out), next(model.parameters()).device
@@ -1096,8 +1249,15 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
         sync()
         start, name = time.perf_counter(), "entropy" if part == "sample" else "loss_entropy"
         temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
-        with measured(model, temperature, copies=cfg.group_size if part == "sample" else 0) as tally:
-            yield
+        observed = part == "sample" and hasattr(sampler, "observe")  # the static sampler reports its logits itself
+        with measured(model, temperature, copies=cfg.group_size if part == "sample" and not observed else 0) as tally:
+            if observed:
+                sampler.observe = lambda logits, weight: add_entropy(tally, logits, temperature, weight)
+            try:
+                yield
+            finally:
+                if observed:
+                    sampler.observe = None
         sync()
         stats.update({f"time_{part}": time.perf_counter() - start, f"{name}_sum": tally["entropy"],
                       f"{name}_n": tally["n"], f"peak_mb_{part}": tally.get("peak_mb", 0.0)})
@@ -1165,7 +1325,7 @@ def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[di
 def evaluate_only(cfg: Config) -> float:
     """The Base rows of Tables 1-2 (or a saved adapter): accuracy on the full test set."""
     _, test = load_task(dataclasses.replace(cfg, steps=0))
-    cfg, model, tokenizer, stop_ids, pad_id = setup(cfg, test)
+    cfg, model, tokenizer, stop_ids, pad_id, sampler = setup(cfg, test)
     if cfg.adapter:
         from peft import PeftModel
         try:
@@ -1176,9 +1336,76 @@ def evaluate_only(cfg: Config) -> float:
                 from None
     accuracy, predictions = evaluate(model, tokenizer, cfg.task, test, max_new_tokens=cfg.max_new_tokens,
                                      temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size,
-                                     stop_ids=stop_ids, pad_id=pad_id)
+                                     stop_ids=stop_ids, pad_id=pad_id, sampler=sampler)
     write_evaluation(Path(cfg.out), "eval", accuracy, predictions, model=cfg.model, adapter=cfg.adapter or None)
     return accuracy
+
+# --- --bench: what a step, an update and a paper row cost on this device ---------------------------------------------
+QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  tie_word_embeddings=True)  # --model random-qwen2-1.5b: the paper's model, random weights
+
+def bench(cfg: Config, prompt_tokens: int = 128) -> dict:
+    """ms a decoding step of tokenrl's sampler and of transformers' generate, each update's seconds and peak MB at
+    Table 3's group sizes, and each paper row's minutes, on --device with --model. Time and memory depend on shapes,
+    not weights: completions run to --max-new-tokens (no stop), so the row's estimate is an upper bound."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    device, dtype = run_device(cfg), DTYPES[cfg.dtype]
+    if cfg.model == "random-qwen2-1.5b":
+        with device:
+            model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_1_5B)).to(dtype).eval()
+    else:
+        model = load_model(cfg.model, dtype, device)[0]
+    torch.manual_seed(cfg.seed)
+    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
+                     targets=cfg.lora_targets.split(","))
+    cfg, sampler = device_choices(cfg, model)
+    vocab, n, rng = model.get_output_embeddings().weight.shape[0], cfg.max_new_tokens, torch.Generator()
+    prompt, stop = torch.randint(vocab, (prompt_tokens,), generator=rng.manual_seed(cfg.seed)).tolist(), [vocab]
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    def timed(run: Callable) -> tuple[float, float, object]:  # (seconds, peak MB, result) of a call after a warm one
+        for warm in (True, False):
+            model.zero_grad(set_to_none=True)
+            sync()
+            peak_memory_mb(device, reset=True)
+            start, result = time.perf_counter(), run()
+            sync()
+        return time.perf_counter() - start, peak_memory_mb(device), result
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    report, groups = {"device": name, "dtype": cfg.dtype, "sampler": cfg.sampler, "pass_tokens": cfg.pass_tokens}, {}
+    for rows in (8, 16, 50):  # |G| of GRPO and S-GRPO, an evaluation batch, T-SPMO's |G|
+        seconds, _, groups[rows] = timed(lambda: sampler(model, [prompt], n, cfg.temperature, stop_ids=stop,
+                                                         pad_id=0, copies=rows))
+        report[f"sample_ms/{rows}"] = 1000 * seconds / n
+        if rows != 16:
+            report[f"generate_ms/{rows}"] = 1000 * timed(lambda: model.generate(
+                torch.tensor([prompt], device=device), do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                max_new_tokens=n, min_new_tokens=n, num_return_sequences=rows, pad_token_id=0))[0] / n
+    report["capture_s"] = getattr(sampler, "capture_s", 0.0)
+    defaults = PAPER_DEFAULTS[cfg.task]
+    for algo in ("grpo", "sgrpo", "tspmo"):
+        group = groups[defaults["group_size"][algo]]
+        rewards = torch.tensor([float(i % 2) for i in range(len(group))])  # half right: every pair has a baseline
+        for budget in (cfg.pass_tokens, 0):  # the device's budget, and §3.4's one completion a pass
+            if algo == "tspmo":
+                adv, unique = tspmo_advantages(group, rewards.tolist())
+                update = lambda: tspmo_update(model, prompt, group, adv, unique_pairs=unique, lam=cfg.lam,
+                                              loss_temperature=cfg.temperature, pass_tokens=budget)
+            else:
+                sets = [torch.arange(len(c)) if algo == "grpo" else
+                        sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=rng).nonzero()[:, 0] for c in group]
+                update = lambda: sgrpo_update(model, prompt, group, group_advantages(rewards), token_sets=sets,
+                                              beta=cfg.beta, loss_temperature=cfg.temperature, pass_tokens=budget,
+                                              reference=reference_from_first_adapted_layer)
+            report[f"update_s/{algo}/{budget}"], report[f"update_mb/{algo}/{budget}"], _ = timed(update)
+        replays = 1 + (defaults["replay_success"] + defaults["replay_fail"] if algo == "tspmo" else 0)
+        step = (report[f"sample_ms/{defaults['group_size'][algo]}"] * n / 1000
+                + report[f"update_s/{algo}/{cfg.pass_tokens}"])
+        evaluated = defaults["steps"][algo] // cfg.eval_every * cfg.eval_subset + defaults["test_size"]
+        report[f"row_min/{algo}"] = (defaults["steps"][algo] * replays * step + math.ceil(
+            evaluated / cfg.eval_batch_size) * n * report["sample_ms/16"] / 1000) / 60
+    print("\n".join(f"{k:>24}  {round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()))
+    return report
 
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1192,7 +1419,7 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"unknown --algo {cfg.algo!r}; choose grpo, sgrpo or tspmo" if cfg.task in PAPER_DEFAULTS
                           else f"unknown --task {cfg.task!r}; choose svamp or mult")
     defaults = {k: v[cfg.algo] if isinstance(v, dict) else v for k, v in PAPER_DEFAULTS[cfg.task].items()}
-    defaults.update(digits_b=cfg.digits, pack_tokens=cfg.max_new_tokens)
+    defaults["digits_b"] = cfg.digits
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     cfg.lora_alpha = float(cfg.lora_rank) if cfg.lora_alpha is None else cfg.lora_alpha
     if not cfg.out:  # evaluation gets its own folder, so the training command that follows can use its own
@@ -1201,13 +1428,13 @@ def resolve_config(cfg: Config) -> Config:
         if float in (f.type, *getattr(f.type, "__args__", ())) and not math.isfinite(getattr(cfg, f.name)):
             raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(cfg, f.name)})")
     at_least = {"alpha": 0, "k": 1, "group_size": 2, "max_new_tokens": 1, "steps": 0, "weight_decay": 0,
-                "batch_size": 1, "update_batch": 1, "pack_tokens": 1, "beta": 0, "lam": 0, "replay_success": 0,
+                "batch_size": 1, "pass_tokens": 0, "beta": 0, "lam": 0, "replay_success": 0,
                 "replay_fail": 0, "lora_rank": 1, "digits": 1, "digits_b": 1, "test_size": 1, "eval_every": 0,
                 "eval_subset": 1, "eval_batch_size": 1, "save_every": 1, "sample_every": 0, "max_grad_norm": 0,
                 "eval_temperature": 0}
     why = {"alpha": "; it is Eq. 6's count of always-kept tokens", "k": "; it is Eq. 6's cap on the tokens in the loss",
            "group_size": "; a group needs a baseline", "eval_temperature": "; 0 is greedy"}
-    checks = [(getattr(cfg, k) >= v, f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
+    checks = [(getattr(cfg, k) is None or getattr(cfg, k) >= v, f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
               for k, v in at_least.items()] + [
         (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
         (cfg.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE} (got {cfg.temperature}); "
@@ -1221,6 +1448,7 @@ def resolve_config(cfg: Config) -> Config:
          f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
+        (cfg.sampler in ("auto", "eager", "static"), f"--sampler must be auto, eager or static (got {cfg.sampler!r})"),
         (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
         (cfg.report_to in ("none", *TRACKERS), f"--report-to must be one of none, {', '.join(TRACKERS)} (got "
          f"{cfg.report_to!r})"),
@@ -1272,6 +1500,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
+        if cfg.bench:
+            with quiet():
+                bench(cfg)
+            return 0
         with lock_folder(cfg), quiet():
             (evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
