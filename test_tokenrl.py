@@ -6,6 +6,7 @@ Each equation is checked against hand-computed numbers or a brute-force computat
 command line is run end to end at tiny sizes. SVAMP tests use $SVAMP_JSON when it points at SVAMP.json, and skip
 otherwise.
 """
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -298,6 +299,25 @@ def test_sgrpo_mask_is_seeded():
 # Eq. 5 and §3.4: the S-GRPO / GRPO gradient
 
 
+def test_split_passes_by_a_token_budget_hand_computed():
+    lengths = {0: 5, 1: 2, 2: 9, 3: 3}  # shortest first; a pass holds rows x its longest row <= the budget
+    assert tokenrl.split_passes(lengths, 10) == [[1, 3], [0], [2]]
+    assert tokenrl.split_passes(lengths, 35) == [[1, 3, 0], [2]] and tokenrl.split_passes(lengths, 36) == [[1, 3, 0, 2]]
+    assert tokenrl.split_passes(lengths, 0) == [[1], [3], [0], [2]]  # §3.4: one completion a pass
+
+
+@pytest.mark.parametrize("pass_tokens, forwards", [(0, 4), (30, 2), (1000, 1)])
+def test_sgrpo_update_runs_one_forward_a_pass(pass_tokens, forwards):
+    model, tokenizer = lora_model()
+    prompt, completions = example_group(tokenizer)
+    calls = []
+    model.get_base_model().model.register_forward_hook(lambda *args: calls.append(1))
+    token_sets = [torch.arange(len(c)) for c in completions]
+    tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0])),
+                         token_sets, 0.0, 1.0, pass_tokens=pass_tokens)
+    assert len(calls) == forwards and sorted(map(len, completions)) == [3, 9, 14, 15]  # 30: [3, 9], [14, 15]
+
+
 def example_group(tokenizer):
     prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
     texts = [" 5", " it is 6 or so", " 5 apples, yes", " maybe 4"]
@@ -306,15 +326,15 @@ def example_group(tokenizer):
     return prompt, completions
 
 
-@pytest.mark.parametrize("beta, update_batch", [(0.0, 1), (0.01, 1), (0.5, 1), (0.01, 3), (0.5, 8)])
-def test_sgrpo_gradient_matches_direct_policy_gradient(beta, update_batch):
+@pytest.mark.parametrize("beta, pass_tokens", [(0.0, 0), (0.01, 0), (0.5, 0), (0.01, 10), (0.5, 1000)])
+def test_sgrpo_gradient_matches_direct_policy_gradient(beta, pass_tokens):
     model, tokenizer = lora_model()
     prompt, completions = example_group(tokenizer)
     advantages = tokenrl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
     gen = torch.Generator().manual_seed(0)
     token_sets = [tokenrl.sgrpo_token_mask(len(c), 2, 4, 0.5, gen).nonzero()[:, 0] for c in completions]
     stats = tokenrl.sgrpo_update(model, prompt, completions, advantages, token_sets, beta, loss_temperature=0.3,
-                                 update_batch=update_batch)
+                                 pass_tokens=pass_tokens)
     got = grads(model)
     zero_grads(model)
     # direct: J = 1/G sum_i 1/|T_i| sum_{t in T_i} [A_i log pi_t - beta k3_t], differentiated by autograd
@@ -681,9 +701,9 @@ def test_tspmo_advantages_hand_computed_trie():
                               [True, False, False]]
 
 
-@pytest.mark.parametrize("use_logprob, lam, pack_tokens", [(False, 0.01, 300), (True, 0.01, 300), (False, 0.0, 300),
+@pytest.mark.parametrize("use_logprob, lam, pass_tokens", [(False, 0.01, 300), (True, 0.01, 300), (False, 0.0, 300),
                                                             (False, 0.01, 0), (True, 0.01, 3)])
-def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pack_tokens):
+def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pass_tokens):
     model, tokenizer = lora_model(seed=4)
     prompt = tokenizer("Problem: 2 plus 3? Answer:")["input_ids"]
     texts = [" 5 apples", " 5 pears", " 6 apples", " 5 apples", " 4"]
@@ -691,7 +711,7 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pack_tokens):
     rewards = [1.0, 1.0, 0.0, 1.0, 0.0]
     adv, first = tokenrl.tspmo_advantages(completions, rewards)
     stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, lam, 0.3, use_logprob=use_logprob,
-                                 pack_tokens=pack_tokens)
+                                 pass_tokens=pass_tokens)
     got = grads(model)
     zero_grads(model)
     # direct Eq. 10: every unique pair, each from a full forward of its completion
@@ -712,8 +732,8 @@ def test_tspmo_gradient_matches_direct_eq10(use_logprob, lam, pack_tokens):
     torch.testing.assert_close(torch.tensor(stats["loss"]), -objective.detach(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pack_tokens", [300, 0])
-def test_tspmo_zero_advantage_pairs_cost_no_logits(pack_tokens):
+@pytest.mark.parametrize("pass_tokens", [300, 0])
+def test_tspmo_zero_advantage_pairs_cost_no_logits(pass_tokens):
     model, tokenizer = lora_model(seed=5)
     prompt = tokenizer("Q:")["input_ids"]
     # pairs with A != 0: only where the two groups of completions part ("x" vs "y" at t = 3)
@@ -725,7 +745,7 @@ def test_tspmo_zero_advantage_pairs_cost_no_logits(pack_tokens):
     lm.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     lm.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape),
                                    with_kwargs=True)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=pack_tokens)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=pass_tokens)
     assert stats["loss_tokens"] == 2 and stats["unique_pairs"] == int(first.sum())
     # the two non-zero pairs ("abc" then x, "abc" then y) share their prefix: one pass over the prompt and "abc",
     # and one logit row, at "c", for both
@@ -765,8 +785,8 @@ def test_packed_trie_pass_equals_the_per_completion_update(attn, arch, extra):
         reference = per_completion_tspmo(model, prompt, completions, adv, first, 0.01, 0.3, use_logprob)
         expected = grads(model)
         zero_grads(model)
-        for pack_tokens in (300, 4, 1, 0):  # one pass, several pieces of the trie, one path a pass
-            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, pack_tokens=pack_tokens,
+        for pass_tokens in (300, 4, 1, 0):  # one pass, several pieces of the trie, one path a pass
+            stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 0.3, pass_tokens=pass_tokens,
                                          use_logprob=use_logprob)
             assert stats["loss"] == pytest.approx(reference, abs=1e-6)
             for name, grad in grads(model).items():
@@ -782,10 +802,10 @@ def test_packed_pass_forwards_the_prompt_once_and_each_node_once():
     lengths = []
     model.get_base_model().model.register_forward_hook(
         lambda m, args, kwargs, out: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=300)
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=300)
     assert lengths == [len(prompt) + 3]  # a, ab, ac: the parents of every non-zero pair, the prompt once
     lengths.clear()
-    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pack_tokens=2)
+    tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, pass_tokens=2)
     assert lengths == [len(prompt) + 2, len(prompt) + 2]  # split by subtrees, "a" repeated in each
 
 
@@ -803,7 +823,7 @@ def test_attention_without_custom_masks_falls_back_to_one_path_a_pass(monkeypatc
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "T-SPMO forwards each path of its trie apart: flash_attention_2 takes no custom attention mask (sdpa or "
         "eager attention packs)")
-    assert packed.pack_tokens == 0 and cfg.pack_tokens == cfg.max_new_tokens
+    assert packed.pass_tokens == 0 and tokenrl.setup(dataclasses.replace(cfg, algo="grpo"), [])[0].pass_tokens == 256
     # and one path a pass needs no mask at all: plain causal attention, as flash attention computes it
     model, tokenizer = lora_model(seed=20)
     masks = []
@@ -811,7 +831,7 @@ def test_attention_without_custom_masks_falls_back_to_one_path_a_pass(monkeypatc
         lambda m, args, kwargs, out: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     completions = [tokenizer(t)["input_ids"] for t in ["abx", "aby", "acx", "acy"]]
     adv, first = tokenrl.tspmo_advantages(completions, [1.0, 0.0, 1.0, 0.0])
-    tokenrl.tspmo_update(model, tokenizer("Q:")["input_ids"], completions, adv, first, 0.01, 1.0, pack_tokens=0)
+    tokenrl.tspmo_update(model, tokenizer("Q:")["input_ids"], completions, adv, first, 0.01, 1.0, pass_tokens=0)
     assert len(masks) == 2 and masks == [None, None]
 
 
@@ -975,19 +995,73 @@ def greedy_by_full_forwards(model, prompt: list[int], n: int, stop: list[int]) -
     return out
 
 
-def test_rows_that_stop_at_different_steps_keep_their_tokens_and_positions():
+SAMPLERS = ["eager", "static"]
+
+
+def sampler_of(kind: str):
+    """Part 1's generate, or Part 2's static-cache sampler without CUDA graphs (what a CPU can run of it)."""
+    return tokenrl.generate if kind == "eager" else tokenrl.static_sampler(graphs=False)
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_rows_that_stop_at_different_steps_keep_their_tokens_and_positions(kind):
+    generate = sampler_of(kind)  # eager: finished rows leave the batch; static: they stay, ignored
     model, tokenizer = lora_model(seed=7, **PEAKED)  # a row fed another's tokens or positions decodes otherwise
     prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "What's 12 x 5?", "x = 7 +")]
     free = [greedy_by_full_forwards(model, prompt, 12, []) for prompt in prompts]
     stop = sorted({free[0][2], free[1][5], free[2][8]})  # tokens that end rows at different steps
     expected = [greedy_by_full_forwards(model, prompt, 12, stop) for prompt in prompts]
     assert len({len(row) for row in expected}) >= 3  # so rows leave the batch and its KV cache at different steps
-    assert tokenrl.generate(model, prompts, 12, 0.0, stop, tokenizer.pad_token_id) == expected
+    assert generate(model, prompts, 12, 0.0, stop, tokenizer.pad_token_id) == expected
     for prompt, row in zip(prompts, expected):  # copies of one prompt too
-        assert tokenrl.generate(model, [prompt], 12, 0.0, stop, tokenizer.pad_token_id, copies=2) == [row, row]
+        assert generate(model, [prompt], 12, 0.0, stop, tokenizer.pad_token_id, copies=2) == [row, row]
 
 
-def test_the_sampler_refuses_probabilities_that_are_not_finite():
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_static_sampler_draws_what_generate_draws_under_one_seed(arch):
+    tokenizer = build_tokenizer()
+    model = tokenrl.add_lora(build_model(tokenizer, seed=31, arch=arch, **PEAKED), 4, 0.5, 4.0, ["q_proj", "v_proj"])
+    prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "What's 12 x 5?")]
+    torch.manual_seed(3)
+    free = tokenrl.generate(model, prompts, 16, 0.8, [tokenizer.eos_token_id], tokenizer.pad_token_id, copies=3)
+    longest = sorted(free, key=len)[-2:]
+    stop = sorted({longest[0][2], longest[1][-4]})  # tokens that end rows at different steps
+    static, lengths = tokenrl.static_sampler(graphs=False), set()
+    for temperature, seed in ((0.0, 0), (0.8, 3), (0.8, 4), (1.5, 5)):
+        torch.manual_seed(seed)
+        eager = tokenrl.generate(model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3)
+        torch.manual_seed(seed)
+        assert static(model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3) == eager
+        lengths.add(tuple(map(len, eager)))
+        assert torch.rand(1).item() == (torch.manual_seed(seed), tokenrl.generate(
+            model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3), torch.rand(1).item())[2]
+    assert any(len(set(row)) > 1 for row in lengths) and len(lengths) > 1  # rows finished while others went on
+    # one prompt a call, the calls of a step: the cache and the captured shapes are reused
+    torch.manual_seed(9)
+    eager = [tokenrl.generate(model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4) for p in prompts]
+    torch.manual_seed(9)
+    assert [static(model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4) for p in prompts] == eager
+
+
+def test_samplers_are_chosen_per_device_and_model(monkeypatch, tiny_dir, capsys):
+    cfg = tokenrl.resolve_config(tokenrl.Config(algo="grpo", task="mult", model=tiny_dir, device="cpu"))
+    model, _ = tokenrl.load_model(tiny_dir, torch.float32, torch.device("cpu"))
+    chosen, sampler = tokenrl.device_choices(cfg, model)
+    assert (chosen.sampler, chosen.pass_tokens, sampler) == ("eager", 256, tokenrl.generate)
+    chosen, sampler = tokenrl.device_choices(dataclasses.replace(cfg, sampler="static", pass_tokens=7), model)
+    assert (chosen.sampler, chosen.pass_tokens, hasattr(sampler, "observe")) == ("static", 7, True)
+    monkeypatch.setattr(tokenrl, "run_device", lambda cfg: torch.device("cuda"))  # nothing runs on it here
+    chosen, sampler = tokenrl.device_choices(cfg, model)
+    assert (chosen.sampler, chosen.pass_tokens, hasattr(sampler, "observe")) == ("static", 4096, True)
+    windowed = build_model(build_tokenizer(), arch="mistral", sliding_window=8)  # one mask cannot serve it
+    chosen, sampler = tokenrl.device_choices(cfg, windowed)
+    assert (chosen.sampler, sampler) == ("eager", tokenrl.generate)
+    assert "sampling without a static KV cache: its sliding-window layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_the_sampler_refuses_probabilities_that_are_not_finite(kind):
+    generate = sampler_of(kind)
     model, tokenizer = lora_model(seed=7)
     prompt, eos = tokenizer("Q")["input_ids"], tokenizer.eos_token_id
     head = model.get_output_embeddings().weight
@@ -996,26 +1070,28 @@ def test_the_sampler_refuses_probabilities_that_are_not_finite():
             head[5] = bad  # one token's logit is NaN or inf (inf - inf inside the softmax: NaN)
         for temperature in (0.0, 0.3):
             with pytest.raises(FloatingPointError, match="completion 0's next-token probabilities are not finite"):
-                tokenrl.generate(model, [prompt], 4, temperature, [eos], eos)
+                generate(model, [prompt], 4, temperature, [eos], eos)
 
 
-def test_generate_uses_pure_temperature_sampling_and_left_padding():
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_generate_uses_pure_temperature_sampling_and_left_padding(kind):
+    generate = sampler_of(kind)
     model, tokenizer = lora_model(seed=7, **PEAKED)
     stop = tokenrl.stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
     prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "Problem: 12 and 5? Answer:")]
-    greedy = tokenrl.generate(model, prompts, 10, 0.0, stop, pad)
+    greedy = generate(model, prompts, 10, 0.0, stop, pad)
     for prompt, completion in zip(prompts, greedy):  # left padding and the cache change nothing
         assert completion == greedy_by_full_forwards(model, prompt, 10, stop)
     torch.manual_seed(0)
-    samples = tokenrl.generate(model, prompts[:1], 10, 1.0, stop, pad, copies=16)
+    samples = generate(model, prompts[:1], 10, 1.0, stop, pad, copies=16)
     assert len({tuple(s) for s in samples}) > 1
     # nothing in the model's generation_config reaches the sampler or greedy decoding
     model.generation_config.update(top_k=1, top_p=0.1, typical_p=0.2, min_p=0.5, repetition_penalty=5.0,
                                    no_repeat_ngram_size=1, num_beams=3, min_new_tokens=10)
-    assert tokenrl.generate(model, prompts, 10, 0.0, stop, pad) == greedy
+    assert generate(model, prompts, 10, 0.0, stop, pad) == greedy
     torch.manual_seed(0)
-    assert tokenrl.generate(model, prompts[:1], 10, 1.0, stop, pad, copies=16) == samples
+    assert generate(model, prompts[:1], 10, 1.0, stop, pad, copies=16) == samples
 
 
 def test_greedy_equals_transformers_generate():
@@ -1211,7 +1287,7 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     (["--model", "/nonexistent/model.gguf", "--data", "@svamp", "--test-size", "8"], "cannot load model"),
     (["--steps", "x"], "invalid int value"),
     (["--std", "robust"], "--std must be sample or population"),
-    (["--update-batch", "0"], "--update-batch must be >= 1"),
+    (["--pass-tokens", "-1"], "--pass-tokens must be >= 0"),
     (["--device", "foo"], "--device 'foo' is not a device"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -1236,7 +1312,7 @@ def test_cli_eval_only_writes_accuracy_and_predictions(tmp_path, tiny_dir, svamp
     pytest.param(["--report-to", "trackio"], "--report-to trackio needs its package: pip install trackio",
                  marks=pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio installed")),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
-    (["--pack-tokens", "0"], "--pack-tokens must be >= 1"),
+    (["--sampler", "graph"], "--sampler must be auto, eager or static (got 'graph')"),
     (["--temperature", "1e-45"], "--temperature must be >= 0.0001"),
     (["--eval-temperature", "1e-30"], "--eval-temperature must be 0 (greedy) or >= 0.0001"),
     (["--device", "mps"], "--device mps: the sampler draws in float64, which MPS lacks"),
@@ -1535,12 +1611,19 @@ def test_entropy_is_read_at_the_loss_positions_without_another_forward():
     assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
 
 
-def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature():
-    model, tokenizer = lora_model(seed=23)
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature(kind):
+    model, tokenizer = lora_model(seed=23, **PEAKED)
     prompt, eos = tokenizer("Q: 12 x 5 =")["input_ids"], tokenizer.eos_token_id
     torch.manual_seed(0)
-    with tokenrl.measured(model, 0.7, copies=3) as tally:
-        completions = tokenrl.generate(model, [prompt], 6, 0.7, stop_ids=[eos], pad_id=eos, copies=3)
+    stop = sorted({eos, *tokenrl.generate(model, [prompt], 8, 0.7, [eos], eos, copies=3)[1][2:3]})
+    torch.manual_seed(0)
+    generate = sampler_of(kind)
+    with tokenrl.measured(model, 0.7, copies=0 if kind == "static" else 3) as tally:  # as run_folder's measure
+        if kind == "static":
+            generate.observe = lambda logits, weight: tokenrl.add_entropy(tally, logits, 0.7, weight)
+        completions = generate(model, [prompt], 8, 0.7, stop_ids=stop, pad_id=eos, copies=3)
+    assert len({len(c) for c in completions}) > 1  # a finished row's logits must not count
     expected = []
     with torch.no_grad():
         for completion in completions:
@@ -1549,6 +1632,21 @@ def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature
             expected += (-(logp.exp() * logp).sum(-1)).tolist()
     assert tally["n"] == len(expected) == sum(map(len, completions))  # the prompt's position counts once a copy
     assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_bench_times_each_part_and_estimates_a_paper_row(tiny_dir, capsys):
+    assert run_cli("--bench", "--model", tiny_dir, "--task", "svamp", "--max-new-tokens", 4, "--device", "cpu",
+                   "--sampler", "static") == 0
+    printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert printed["sampler"] == "static" and printed["pass_tokens"] == "256"
+    report = {k: float(v) for k, v in printed.items() if "/" in k}
+    for rows in (8, 16, 50):
+        assert report[f"sample_ms/{rows}"] > 0 and (rows == 16 or report[f"generate_ms/{rows}"] > 0)
+    for algo, group, steps in (("grpo", 8, 325), ("sgrpo", 8, 325), ("tspmo", 50, 400)):
+        assert report[f"update_s/{algo}/256"] > 0 and report[f"update_s/{algo}/0"] > 0
+        step = report[f"sample_ms/{group}"] * 4 / 1000 + report[f"update_s/{algo}/256"]
+        evaluations = math.ceil((steps // 25 * 100 + 300) / 16) * 4 * report["sample_ms/16"] / 1000
+        assert report[f"row_min/{algo}"] == pytest.approx((steps * step + evaluations) / 60, rel=1e-2, abs=2e-3)
 
 
 def test_cli_logs_health_and_samples_that_resume_like_metrics(tmp_path, tiny_dir, svamp_file, monkeypatch):
@@ -1710,7 +1808,7 @@ def test_alibi_models_run_t_spmo_one_path_a_pass():
     reference = per_completion_tspmo(model, prompt, completions, adv, first, 0.01, 1.0, use_logprob=True)
     expected = grads(model)
     zero_grads(model)
-    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, use_logprob=True, pack_tokens=0)
+    stats = tokenrl.tspmo_update(model, prompt, completions, adv, first, 0.01, 1.0, use_logprob=True, pass_tokens=0)
     assert stats["loss"] == pytest.approx(reference, abs=1e-5)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)

@@ -380,7 +380,7 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # ~ y_<max(T_i)
     loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
-    for chunk in passes(lengths, pass_tokens):
+    for chunk in split_passes(lengths, pass_tokens):
         inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
         if beta:  # pi_ref: the base model, never updated (§3.2)
             logps, ref_logps = reference(*inputs, temperature=loss_temperature)
@@ -394,11 +394,10 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
     n_tokens = sum(map(len, token_sets))
     return {"loss": float(loss), "kl": float(kl_sum) / max(n_tokens, 1), "loss_tokens": n_tokens}
 
-def passes(lengths: dict[int, int], pass_tokens: int) -> list[list[int]]:
-    """§3.4's passes by a budget: the keys of `lengths` grouped so that rows x longest row <= pass_tokens (0: one a
-    pass), shortest first so that little of a pass is padding."""
+def split_passes(lengths: dict[int, int], pass_tokens: int) -> list[list[int]]:
+    """§3.4's passes: the keys of `lengths`, shortest first, in groups of rows x longest <= pass_tokens (0: one)."""
     chunks = []
-    for i in sorted(lengths, key=lengths.get):
+    for i in sorted(lengths, key=lengths.get):  # each new row is its pass's longest
         if chunks and (len(chunks[-1]) + 1) * lengths[i] <= pass_tokens:
             chunks[-1].append(i)
         else:
@@ -484,9 +483,9 @@ def trie_attention_mask(model, sees: torch.Tensor, depth: torch.Tensor) -> torch
 # --- One problem: sample a group, score it (App. B), accumulate the algorithm's gradient ------------------------------
 def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: int, max_new_tokens: int,
                  temperature: float, stop_ids: list[int], pad_id: int, replay_prefix: list[int] = (),
-                 sampler: Callable = generate) -> tuple[list[list[int]], list[float]]:
+                 sampler: Callable | None = None) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; replay_prefix tokens (§3.3) count as their start."""
-    completions = sampler(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
+    completions = (sampler or generate)(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
                           pad_id=pad_id, copies=group_size)
     texts = tokenizer.batch_decode([list(replay_prefix) + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
@@ -494,7 +493,7 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
                      measure: Callable | None = None, reference: Callable | None = None,
-                     sampler: Callable = generate) -> dict:
+                     sampler: Callable | None = None) -> dict:
     """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
     measure = measure or (lambda part, stats: contextlib.nullcontext())  # Part 2 passes one that times and weighs
@@ -509,14 +508,14 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
             adv, unique_pairs = tspmo_advantages(completions, rewards)
             stats.update(tspmo_update(model, prompt + replay_prefix, completions, adv, unique_pairs=unique_pairs,
                                       lam=cfg.lam, loss_temperature=loss_temperature, scale=scale,
-                                      use_logprob=cfg.tspmo_logprob, pass_tokens=cfg.pass_tokens))
+                                      use_logprob=cfg.tspmo_logprob, pass_tokens=cfg.pass_tokens or 0))
         else:
             advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
             token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
                           sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                           for c in completions]
             stats.update(sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
-                                      loss_temperature=loss_temperature, scale=scale, pass_tokens=cfg.pass_tokens,
+                                      loss_temperature=loss_temperature, scale=scale, pass_tokens=cfg.pass_tokens or 0,
                                       reference=reference))
     return {**stats, "completions": completions, "rewards": rewards}
 
@@ -583,14 +582,14 @@ def train_step(model, tokenizer, problems: list[Problem], replay: dict | None, c
 
 # --- Evaluation (§4.2): accuracy with the App. B parser, greedy by default --------------------------------------------
 def evaluate(model, tokenizer, task: str, problems: list[Problem], max_new_tokens: int, temperature: float,
-             batch_size: int, stop_ids: list[int], pad_id: int, sampler: Callable = generate,
+             batch_size: int, stop_ids: list[int], pad_id: int, sampler: Callable | None = None,
              desc: str = "eval") -> tuple[float, list[dict]]:
     """(accuracy over `problems`, every prediction: question, answer, completion, prediction, correct)."""
     predictions = []
     for start in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         batch = problems[start: start + batch_size]
-        outputs = sampler(model, [encode_prompt(task, problem, tokenizer) for problem in batch], max_new_tokens,
-                          temperature, stop_ids=stop_ids, pad_id=pad_id)
+        outputs = (sampler or generate)(model, [encode_prompt(task, problem, tokenizer) for problem in batch],
+                                        max_new_tokens, temperature, stop_ids=stop_ids, pad_id=pad_id)
         for problem, text in zip(batch, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
             predictions.append({"question": problem.question, "answer": problem.answer, "completion": text,
                                 "prediction": last_integer(text), "correct": bool(reward(text, problem.answer))})
@@ -1345,7 +1344,7 @@ QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                   tie_word_embeddings=True)  # --model random-qwen2-1.5b: the paper's model, random weights
 
-def bench(cfg: Config, prompt_tokens: int = 128) -> dict:
+def benchmark(cfg: Config, prompt_tokens: int = 128) -> dict:
     """ms a decoding step of tokenrl's sampler and of transformers' generate, each update's seconds and peak MB at
     Table 3's group sizes, and each paper row's minutes, on --device with --model. Time and memory depend on shapes,
     not weights: completions run to --max-new-tokens (no stop), so the row's estimate is an upper bound."""
@@ -1502,7 +1501,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
         if cfg.bench:
             with quiet():
-                bench(cfg)
+                benchmark(cfg)
             return 0
         with lock_folder(cfg), quiet():
             (evaluate_only if cfg.eval_only else train)(cfg)
