@@ -106,10 +106,8 @@ class Config:
     sample_every: int = flag(25, "write the step's problems, completions and rewards to samples.jsonl every N steps")
     report_to: str = flag("none", "none | tensorboard | wandb | trackio: also send every metrics row there")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
-    pass_tokens: int | None = flag(None, "completion tokens a forward/backward pass (T-SPMO: trie nodes); 0: one "
-                                   "completion a pass (§3.4); default 4096 on a GPU, 256 on a CPU; same gradient")
-    sampler: str = flag("auto", "auto (static on CUDA, else eager) | eager | static: a static KV cache, and on CUDA "
-                        "each one-token forward replayed as a CUDA graph; the same draws")
+    pass_tokens: int | None = flag(None, "tokens a forward/backward pass; 0: one completion (§3.4); GPU 4096, CPU 256")
+    sampler: str = flag("auto", "auto | eager | static (a static KV cache; CUDA graphs on CUDA; auto: on CUDA)")
     bench: bool = flag(False, "time sampling, each update and a paper row on --device and --model, then exit")
 
 PAPER_DEFAULTS = {  # §4.1 and §4.3, and the best settings of Tables 4 and 6 (keyed by algorithm where they differ)
@@ -502,22 +500,25 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
                                             max_new_tokens=cfg.max_new_tokens - len(replay_prefix),
                                             temperature=cfg.temperature, stop_ids=stop_ids, pad_id=pad_id,
                                             replay_prefix=replay_prefix, sampler=sampler)
-    loss_temperature = cfg.temperature if cfg.logp_temperature else 1.0
     with measure("update", stats):
-        if cfg.algo == "tspmo":
-            adv, unique_pairs = tspmo_advantages(completions, rewards)
-            stats.update(tspmo_update(model, prompt + replay_prefix, completions, adv, unique_pairs=unique_pairs,
-                                      lam=cfg.lam, loss_temperature=loss_temperature, scale=scale,
-                                      use_logprob=cfg.tspmo_logprob, pass_tokens=cfg.pass_tokens or 0))
-        else:
-            advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
-            token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
-                          sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
-                          for c in completions]
-            stats.update(sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta,
-                                      loss_temperature=loss_temperature, scale=scale, pass_tokens=cfg.pass_tokens or 0,
-                                      reference=reference))
+        stats.update(group_update(model, prompt + replay_prefix, completions, rewards, cfg, generator=generator,
+                                  scale=scale, reference=reference))
     return {**stats, "completions": completions, "rewards": rewards}
+
+def group_update(model, prompt: list[int], completions: list[list[int]], rewards: list[float], cfg: Config,
+                 generator: torch.Generator | None, scale: float = 1.0, reference: Callable | None = None) -> dict:
+    """cfg.algo's gradient from one scored group: GRPO or S-GRPO (Eq. 2, 5, 6), or T-SPMO (Eq. 7-10)."""
+    loss_temperature, budget = cfg.temperature if cfg.logp_temperature else 1.0, cfg.pass_tokens or 0
+    if cfg.algo == "tspmo":
+        adv, unique_pairs = tspmo_advantages(completions, rewards)
+        return tspmo_update(model, prompt, completions, adv, unique_pairs=unique_pairs, lam=cfg.lam, scale=scale,
+                            loss_temperature=loss_temperature, use_logprob=cfg.tspmo_logprob, pass_tokens=budget)
+    advantages = group_advantages(torch.tensor(rewards), unbiased=cfg.std == "sample")
+    token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
+                  sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
+                  for c in completions]
+    return sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta, scale=scale,
+                        loss_temperature=loss_temperature, pass_tokens=budget, reference=reference)
 
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
 def clip_gradient(model, max_norm: float) -> float:
@@ -779,15 +780,15 @@ def device_choices(cfg: Config, model) -> tuple[Config, Callable]:
     if cfg.algo == "tspmo" and why and budget and not cfg.eval_only:
         print(f"T-SPMO forwards each path of its trie apart: {why}", file=sys.stderr)
         budget = 0
-    kind = {"auto": "static" if gpu else "eager"}.get(cfg.sampler, cfg.sampler)
     window, types = getattr(model.config, "sliding_window", None), getattr(model.config, "layer_types", None)
-    if window and (types is None or "sliding_attention" in types):  # one mask serves every layer of a static pass
-        why = why or "its sliding-window layers would need a mask of their own"
-    if kind == "static" and why:
+    why = why or (window and (types is None or "sliding_attention" in types)  # one mask serves every static layer
+                  and "its sliding-window layers would need a mask of their own")
+    wanted = gpu if cfg.sampler == "auto" else cfg.sampler == "static"
+    if wanted and why:
         print(f"sampling without a static KV cache: {why}", file=sys.stderr)
-        kind = "eager"
-    return dataclasses.replace(cfg, pass_tokens=budget, sampler=kind), (static_sampler(graphs=gpu) if kind == "static"
-                                                                         else generate)
+    static = wanted and not why
+    return (dataclasses.replace(cfg, pass_tokens=budget, sampler="static" if static else "eager"),
+            static_sampler(graphs=gpu) if static else generate)
 
 def packing_refusal(model) -> str | None:
     """Why the model cannot take T-SPMO's packed trie (depths as position ids, a custom mask), or None if it can."""
@@ -804,130 +805,99 @@ PASS_TOKENS = {"cuda": 4096, "cpu": 256}  # --pass-tokens by device: a paper-siz
 CACHE_STEP = 256  # cache lengths round up to a multiple: few shapes, so few graphs to capture
 
 def static_sampler(graphs: bool) -> Callable:
-    """generate()'s sampler, the same draws (the same tokens under one seed), over a static KV cache: one fixed-shape
-    batch in which finished rows stay, ignored, and (graphs) each one-token forward replays a captured CUDA graph.
-    Setting .observe(logits, row_weights) reads each step's logits (the entropy measured while sampling)."""
+    """generate()'s draws (the same tokens under one seed) over a static KV cache: one fixed-shape batch in which
+    finished rows stay, ignored, and (graphs) each one-token forward a replayed CUDA graph. Its .observe(logits,
+    row weights), when set, reads the logits of every step (the entropy while sampling)."""
     from transformers import DynamicCache
-    class StaticKV(DynamicCache):  # keys and values at fixed addresses, written from the position tensor `at`
+    class StaticKV(DynamicCache):  # keys and values at fixed addresses, written at the position tensor `at`
         def __init__(self, at: torch.Tensor, length: int):
             super().__init__()
-            self.at, self.length, self.copies, self.kv = at, length, 1, {}
+            self.at, self.length, self.kv = at, length, {}
         def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-            keys, values = keys.repeat_interleave(self.copies, 0), values.repeat_interleave(self.copies, 0)
             if layer_idx not in self.kv:  # (B, H, L, D) each
                 self.kv[layer_idx] = [x.new_zeros(*x.shape[:2], self.length, x.shape[3]) for x in (keys, values)]
-            where = self.at + torch.arange(keys.shape[2], device=keys.device)
-            for store, new in zip(self.kv[layer_idx], (keys, values)):
-                store.index_copy_(2, where, new)
-            return tuple(x[::self.copies] for x in self.kv[layer_idx])  # a prefill attends with one row a prompt
+            for store, x in zip(self.kv[layer_idx], (keys, values)):  # x: (B, H, q, D)
+                store.index_copy_(2, self.at + torch.arange(x.shape[2], device=x.device), x)
+            return self.kv[layer_idx]
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 0
-    slots = {}
-    def build(model, rows: int, length: int) -> types.SimpleNamespace:
-        weight = next(model.parameters())
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        at = torch.zeros(1, dtype=torch.long, device=weight.device)
-        slot = types.SimpleNamespace(at=at, ids=torch.zeros(rows, 1, dtype=torch.long, device=weight.device),
-                                     position=torch.zeros(rows, 1, dtype=torch.long, device=weight.device),
-                                     keys=torch.ones(rows, length, dtype=torch.bool, device=weight.device),
-                                     cache=StaticKV(at, length), name=name)
-        def additive(allowed: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(allowed.shape, dtype=weight.dtype, device=weight.device).masked_fill(
-                ~allowed, torch.finfo(weight.dtype).min)
-        def one_token() -> torch.Tensor:  # (B, 1) ids at position `at` -> (B, V) float32 logits
-            allowed = slot.keys & (torch.arange(length, device=at.device) <= at)  # (B, L)
-            return model(input_ids=slot.ids, position_ids=slot.position, attention_mask=additive(allowed)[:, None, None],
-                         use_cache=True, **{name: slot.cache}).logits[:, -1].float()
-        slot.additive, slot.step = additive, one_token
-        if graphs:
-            start, stream = time.perf_counter(), torch.cuda.Stream(weight.device)
-            try:
-                stream.wait_stream(torch.cuda.current_stream(weight.device))
-                with torch.cuda.stream(stream):
-                    for _ in range(3):  # warm-up off the capture: the cache's buffers, the libraries' workspaces
-                        one_token()
-                torch.cuda.current_stream(weight.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    logits = one_token()
-                slot.step = lambda: (graph.replay(), logits)[1]
-                sample.capture_s += time.perf_counter() - start
-                tqdm.write(f"CUDA graph for {rows} rows x {length} positions: captured in "
-                           f"{time.perf_counter() - start:.2f} s")
-            except RuntimeError as error:  # a model whose forward cannot be captured: eager steps, same draws
-                tqdm.write(f"no CUDA graph ({str(error).splitlines()[0][:120]}); decoding step by step")
-        return slot
+    slots = {}  # (model, rows, cache length) -> its buffers, cache and one-token step
     @torch.inference_mode()
     def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
                pad_id: int, copies: int = 1) -> list[list[int]]:
-        device, width, rows = next(model.parameters()).device, max(map(len, prompts)), len(prompts) * copies
-        length = -(-(width + max_new_tokens) // CACHE_STEP) * CACHE_STEP
-        slot = slots.get((id(model), rows, length)) or slots.setdefault((id(model), rows, length),
-                                                                         build(model, rows, length))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # (B', W) left-padded
+        weight, width, rows = next(model.parameters()), max(map(len, prompts)), len(prompts) * copies
+        device, length = weight.device, -(-(width + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        def forward(ids: torch.Tensor, position: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(allowed.shape, dtype=weight.dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(weight.dtype).min)[:, None]  # (B, 1, q, L), additive
+            return model(input_ids=ids, position_ids=position, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                         **{name: slot.cache}).logits[:, -1].float()  # (B, q) ids -> (B, V)
+        slot = slots.get((id(model), rows, length))
+        if slot is None:
+            at = torch.zeros(1, dtype=torch.long, device=device)
+            slot = slots[id(model), rows, length] = types.SimpleNamespace(
+                at=at, cache=StaticKV(at, length), ids=at.new_zeros(rows, 1), position=at.new_zeros(rows, 1),
+                keys=torch.ones(rows, length, dtype=torch.bool, device=device))
+            step = lambda: forward(slot.ids, slot.position, (slot.keys & (torch.arange(length, device=device) <= at))[
+                :, None])  # (B, 1, L): the keys up to `at`
+            slot.step = cuda_graph(step, f"{rows} rows x {length} positions") if graphs else step
         real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
-        position = (real.cumsum(1) - 1).clamp(min=0)  # (B', W)
+        real = real.repeat_interleave(copies, 0)  # (B, W): prompts left-padded
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device).repeat_interleave(
+            copies, 0)  # (B, W)
+        position = (real.cumsum(1) - 1).clamp(min=0)  # (B, W)
         slot.keys.fill_(True)
-        slot.keys[:, :width] = real.repeat_interleave(copies, 0)
+        slot.keys[:, :width] = real
         slot.at.zero_()
-        causal = torch.arange(length, device=device) <= torch.arange(width, device=device)[:, None]  # (W, L)
-        slot.cache.copies = copies  # the prefill runs each prompt once, and its keys fill its `copies` rows
-        try:
-            logits = model(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
-                           attention_mask=slot.additive(slot.keys[::copies, None] & causal)[:, None],
-                           **{slot.name: slot.cache}).logits[:, -1].float()  # (B', V)
-        finally:
-            slot.cache.copies = 1
-        if sample.observe:
-            sample.observe(logits, copies)
-        logits = logits.repeat_interleave(copies, 0)  # (B, V)
+        logits = forward(ids, position, slot.keys[:, None] & (  # (B, W, L): causal, and no pads
+            torch.arange(length, device=device) <= torch.arange(width, device=device)[:, None]))  # (B, V)
         slot.at.fill_(width)
-        slot.position.copy_(position[:, -1:].repeat_interleave(copies, 0) + 1)
+        slot.position.copy_(position[:, -1:] + 1)
         out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
         done, stops = torch.zeros(rows, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device)
         for t in range(max_new_tokens):
+            if sample.observe:
+                sample.observe(logits, ~done)
             u = torch.rand(rows, 1, dtype=torch.float64, device=device) if temperature > 0 else None
             out[:, t] = token = draw(logits, temperature, u)
             done |= torch.isin(token, stops)
-            # a CPU reads `done` every step, as generate does; a GPU every 8th, so Python rarely waits for it
-            if t == max_new_tokens - 1 or (not graphs or t % 8 == 7) and bool(done.all()):
+            if t == max_new_tokens - 1 or (not graphs or t % 8 == 7) and bool(done.all()):  # GPU: a wait in 8 steps
                 break
             slot.ids.copy_(token.clamp(min=0)[:, None])  # -1 (not finite) stays in `out`, found below
             logits = slot.step()
             slot.at += 1
             slot.position += 1
-            if sample.observe:
-                sample.observe(logits, ~done)
-        completions = []
-        for row, tokens in enumerate(out[:, :t + 1].tolist()):
-            end = next((j + 1 for j, v in enumerate(tokens) if v in stop_ids), len(tokens))
-            if -1 in tokens[:end]:
+        completions = [row[:next((j + 1 for j, v in enumerate(row) if v in stop_ids), len(row))]
+                       for row in out[:, :t + 1].tolist()]
+        for row, tokens in enumerate(completions):
+            if -1 in tokens:
                 raise FloatingPointError(NOT_FINITE.format(row))
-            completions.append(tokens[:end])
         return completions
-    sample.observe, sample.capture_s = None, 0.0
+    sample.observe = None
     return sample
 
-# --- pi_ref from the first adapted layer: the same numbers as logprobs_and_reference, less work -----------------------
-@contextlib.contextmanager
-def start_at_layer(layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor):
-    """Inside the block, layers[:first] pass their input through and layers[first] receives `hidden`. Every layer
-    keeps its index, so a body that picks each layer's mask by index (sliding-window Qwen2) still gives it its own."""
-    saved = [layer.__dict__.get("forward") for layer in layers[:first]]  # accelerate may have set one
-    for layer in layers[:first]:
-        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    swap = layers[first].register_forward_pre_hook(lambda module, args, kwargs: ((hidden, *args[1:]), kwargs) if args
-                                                   else (args, {**kwargs, "hidden_states": hidden}), with_kwargs=True)
+def cuda_graph(step: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
+    """`step` captured once as a CUDA graph and replayed at each call (one launch, its output in a fixed buffer); step
+    itself when its forward cannot be captured."""
+    start, stream = time.perf_counter(), torch.cuda.Stream()
     try:
-        yield
-    finally:
-        swap.remove()
-        for layer, forward in zip(layers[:first], saved):
-            del layer.forward
-            if forward is not None:
-                layer.forward = forward
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up off the capture: lazy buffers, the libraries' workspaces
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+    except RuntimeError as error:
+        tqdm.write(f"no CUDA graph for {what} ({str(error).splitlines()[0][:100]}); decoding step by step")
+        return step
+    tqdm.write(f"CUDA graph for {what}: captured in {time.perf_counter() - start:.2f} s")
+    return lambda: (graph.replay(), out)[1]
 
+# --- pi_ref from the first adapted layer: the same numbers as logprobs_and_reference, less work -----------------------
 def reference_from_first_adapted_layer(model, prompt: list[int], completions: list[list[int]],
                                        positions: list[torch.Tensor], temperature: float = 1.0):
     """logprobs_and_reference's numbers: below the first adapted layer pi_ref is pi_theta, so pi_ref's pass starts
@@ -938,15 +908,24 @@ def reference_from_first_adapted_layer(model, prompt: list[int], completions: li
     above |= {id(p) for p in model.get_output_embeddings().parameters()}
     if not adapted or not all(id(p) in above for name, p in model.named_parameters() if "lora_" in name):
         return logprobs_and_reference(model, prompt, completions, positions, temperature=temperature)
-    entering = []
-    hook = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
+    entering, hook = [], layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
         args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
     try:
         logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
     finally:
         hook.remove()
-    with torch.no_grad(), model.disable_adapter(), start_at_layer(layers, adapted[0], entering[0]):
-        return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    for layer in layers[:adapted[0]]:  # pass their input through; an instance attribute, deleted below
+        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    swap = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: (  # it gets the policy's state
+        ((entering[0], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": entering[0]})),
+        with_kwargs=True)  # every layer keeps its index: a model that picks each layer's mask by index still can
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    finally:
+        swap.remove()
+        for layer in layers[:adapted[0]]:
+            del layer.forward
 
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
 def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int | torch.Tensor = 1) -> None:
@@ -1025,8 +1004,7 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
             Path("/proc/self/clear_refs").write_text("5")
     with contextlib.suppress(OSError, TypeError):
         return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2 ** 10  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: the process's peak so far
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # elsewhere: the peak so far (macOS: bytes)
 
 def open_tracker(cfg: Config, out: Path) -> tuple:
     """--report-to: (send a metrics row, close); both do nothing for none. wandb and trackio share init / log."""
@@ -1059,9 +1037,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def lock_folder(cfg: Config):
-    """The run folder, locked while the run lives; folders made here go again if the run wrote only its config."""
+    """The run folder, locked while the run lives (the lock file stays: removing it would race a waiting process)."""
     out = Path(cfg.out)
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a")
@@ -1070,8 +1047,6 @@ def lock_folder(cfg: Config):
             from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(lock.fileno()).st_ino != os.stat(out / ".lock").st_ino:  # its holder removed it meanwhile
-            raise OSError
     except OSError:
         lock.close()
         raise ConfigError(f"{out} is in use by another tokenrl process; wait for it to end, or choose another "
@@ -1083,12 +1058,6 @@ def lock_folder(cfg: Config):
             write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         yield
     finally:
-        if made and {p.name for p in out.iterdir()} <= {".lock", "config.json"}:
-            for name in ("config.json", ".lock"):
-                (out / name).unlink(missing_ok=True)
-            for folder in made:
-                with contextlib.suppress(OSError):  # another run may have made a folder beside ours meanwhile
-                    folder.rmdir()
         lock.close()
 
 class Interrupted(KeyboardInterrupt):
@@ -1096,16 +1065,6 @@ class Interrupted(KeyboardInterrupt):
     @staticmethod
     def handler(signum: int, frame) -> None:
         raise Interrupted(signum)
-
-@contextlib.contextmanager
-def signals_ignored():
-    """SIGINT, SIGTERM and SIGHUP are ignored inside the block (the save after a first one)."""
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 def checkpoints(out: Path) -> list[Path]:
     """The checkpoints/step_N folders that hold a state.pt, oldest first (a step_N.tmp left by a kill is none)."""
@@ -1296,7 +1255,8 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
     try:
         yield run
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (see Interrupted)
-        with signals_ignored():  # a second signal must not cut the save short
+        ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:  # a second signal must not cut the save short
             if run.undo is not None:
                 with torch.no_grad():
                     for param, weight in zip(trained, run.undo[0]):
@@ -1305,6 +1265,9 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
                 for column in (replay or {}).values():
                     del column[run.undo[2]:]
             path = save_checkpoint(model, optimizer, run.step, cfg, replay=replay, out=out)
+        finally:
+            for s, handler in ignored.items():
+                signal.signal(s, handler)
         signum = stop.args[0] if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {run.step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
@@ -1340,28 +1303,19 @@ def evaluate_only(cfg: Config) -> float:
     return accuracy
 
 # --- --bench: what a step, an update and a paper row cost on this device ---------------------------------------------
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                  tie_word_embeddings=True)  # --model random-qwen2-1.5b: the paper's model, random weights
-
-def benchmark(cfg: Config, prompt_tokens: int = 128) -> dict:
-    """ms a decoding step of tokenrl's sampler and of transformers' generate, each update's seconds and peak MB at
-    Table 3's group sizes, and each paper row's minutes, on --device with --model. Time and memory depend on shapes,
-    not weights: completions run to --max-new-tokens (no stop), so the row's estimate is an upper bound."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    device, dtype = run_device(cfg), DTYPES[cfg.dtype]
-    if cfg.model == "random-qwen2-1.5b":
-        with device:
-            model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_1_5B)).to(dtype).eval()
-    else:
-        model = load_model(cfg.model, dtype, device)[0]
+def benchmark(cfg: Config, model=None, prompt_tokens: int = 128) -> dict:
+    """ms a decoding step (tokenrl's sampler, transformers' generate), each update's seconds and peak MB at Table 3's
+    group sizes, and each paper row's minutes, on --device with --model (or `model`, random weights of a shape: time
+    and memory depend on shapes). Completions run to --max-new-tokens (no stop): a row's estimate is an upper bound."""
+    device = run_device(cfg)
+    model = model or load_model(cfg.model, DTYPES[cfg.dtype], device)[0]
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
                      targets=cfg.lora_targets.split(","))
     cfg, sampler = device_choices(cfg, model)
-    vocab, n, rng = model.get_output_embeddings().weight.shape[0], cfg.max_new_tokens, torch.Generator()
-    prompt, stop = torch.randint(vocab, (prompt_tokens,), generator=rng.manual_seed(cfg.seed)).tolist(), [vocab]
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    vocab, n, rng, sync = model.get_output_embeddings().weight.shape[0], cfg.max_new_tokens, torch.Generator(), (
+        torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    prompt = torch.randint(vocab, (prompt_tokens,), generator=rng.manual_seed(cfg.seed)).tolist()
     def timed(run: Callable) -> tuple[float, float, object]:  # (seconds, peak MB, result) of a call after a warm one
         for warm in (True, False):
             model.zero_grad(set_to_none=True)
@@ -1370,39 +1324,28 @@ def benchmark(cfg: Config, prompt_tokens: int = 128) -> dict:
             start, result = time.perf_counter(), run()
             sync()
         return time.perf_counter() - start, peak_memory_mb(device), result
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    report, groups = {"device": name, "dtype": cfg.dtype, "sampler": cfg.sampler, "pass_tokens": cfg.pass_tokens}, {}
-    for rows in (8, 16, 50):  # |G| of GRPO and S-GRPO, an evaluation batch, T-SPMO's |G|
-        seconds, _, groups[rows] = timed(lambda: sampler(model, [prompt], n, cfg.temperature, stop_ids=stop,
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} "
+              "cores", "dtype": cfg.dtype, "sampler": cfg.sampler, "pass_tokens": cfg.pass_tokens}
+    groups, defaults = {}, PAPER_DEFAULTS[cfg.task]
+    for rows in (8, 16, 50):  # |G| of GRPO and S-GRPO, an evaluation batch, T-SPMO's |G|; `vocab` is never drawn
+        seconds, _, groups[rows] = timed(lambda: sampler(model, [prompt], n, cfg.temperature, stop_ids=[vocab],
                                                          pad_id=0, copies=rows))
         report[f"sample_ms/{rows}"] = 1000 * seconds / n
         if rows != 16:
             report[f"generate_ms/{rows}"] = 1000 * timed(lambda: model.generate(
                 torch.tensor([prompt], device=device), do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
                 max_new_tokens=n, min_new_tokens=n, num_return_sequences=rows, pad_token_id=0))[0] / n
-    report["capture_s"] = getattr(sampler, "capture_s", 0.0)
-    defaults = PAPER_DEFAULTS[cfg.task]
     for algo in ("grpo", "sgrpo", "tspmo"):
-        group = groups[defaults["group_size"][algo]]
-        rewards = torch.tensor([float(i % 2) for i in range(len(group))])  # half right: every pair has a baseline
+        group, steps = groups[defaults["group_size"][algo]], defaults["steps"][algo]
         for budget in (cfg.pass_tokens, 0):  # the device's budget, and §3.4's one completion a pass
-            if algo == "tspmo":
-                adv, unique = tspmo_advantages(group, rewards.tolist())
-                update = lambda: tspmo_update(model, prompt, group, adv, unique_pairs=unique, lam=cfg.lam,
-                                              loss_temperature=cfg.temperature, pass_tokens=budget)
-            else:
-                sets = [torch.arange(len(c)) if algo == "grpo" else
-                        sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=rng).nonzero()[:, 0] for c in group]
-                update = lambda: sgrpo_update(model, prompt, group, group_advantages(rewards), token_sets=sets,
-                                              beta=cfg.beta, loss_temperature=cfg.temperature, pass_tokens=budget,
-                                              reference=reference_from_first_adapted_layer)
-            report[f"update_s/{algo}/{budget}"], report[f"update_mb/{algo}/{budget}"], _ = timed(update)
+            report[f"update_s/{algo}/{budget}"], report[f"update_mb/{algo}/{budget}"], _ = timed(lambda: group_update(
+                model, prompt, group, [float(i % 2) for i in range(len(group))], generator=rng,  # half of them right
+                cfg=dataclasses.replace(cfg, algo=algo, pass_tokens=budget), reference=reference_from_first_adapted_layer))
         replays = 1 + (defaults["replay_success"] + defaults["replay_fail"] if algo == "tspmo" else 0)
-        step = (report[f"sample_ms/{defaults['group_size'][algo]}"] * n / 1000
-                + report[f"update_s/{algo}/{cfg.pass_tokens}"])
-        evaluated = defaults["steps"][algo] // cfg.eval_every * cfg.eval_subset + defaults["test_size"]
-        report[f"row_min/{algo}"] = (defaults["steps"][algo] * replays * step + math.ceil(
-            evaluated / cfg.eval_batch_size) * n * report["sample_ms/16"] / 1000) / 60
+        step = report[f"sample_ms/{len(group)}"] * n / 1000 + report[f"update_s/{algo}/{cfg.pass_tokens}"]
+        evaluated = math.ceil(((steps // cfg.eval_every if cfg.eval_every else 0) * cfg.eval_subset
+                               + defaults["test_size"]) / cfg.eval_batch_size)
+        report[f"row_min/{algo}"] = (steps * replays * step + evaluated * n * report["sample_ms/16"] / 1000) / 60
     print("\n".join(f"{k:>24}  {round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()))
     return report
 
@@ -1410,7 +1353,6 @@ def benchmark(cfg: Config, prompt_tokens: int = 128) -> dict:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRACKERS = ("tensorboard", "wandb", "trackio")  # --report-to's choices besides none, each its package's name
 MIN_TEMPERATURE = 1e-4  # logits / T stays finite in float32 for any logit below 3e34
-MAX_PROBLEMS = 1_000_000  # training problems are built up front; a million takes seconds and a few hundred MB
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the task- and algorithm-dependent defaults, then check every value."""
@@ -1443,8 +1385,6 @@ def resolve_config(cfg: Config) -> Config:
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
         (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
-        (cfg.steps * cfg.batch_size <= MAX_PROBLEMS, f"--steps x --batch-size is {cfg.steps * cfg.batch_size:,} "
-         f"problems, more than the {MAX_PROBLEMS:,} built up front; the paper trains on at most 450"),
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
         (cfg.sampler in ("auto", "eager", "static"), f"--sampler must be auto, eager or static (got {cfg.sampler!r})"),
@@ -1499,12 +1439,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        if cfg.bench:
-            with quiet():
-                benchmark(cfg)
-            return 0
-        with lock_folder(cfg), quiet():
-            (evaluate_only if cfg.eval_only else train)(cfg)
+        with contextlib.nullcontext() if cfg.bench else lock_folder(cfg), quiet():  # --bench writes no folder
+            (benchmark if cfg.bench else evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
