@@ -108,7 +108,6 @@ class Config:
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
     pass_tokens: int | None = flag(None, "tokens a forward/backward pass; 0: one completion (§3.4); GPU 4096, CPU 256")
     sampler: str = flag("auto", "auto | eager | static (a static KV cache; CUDA graphs on CUDA; auto: on CUDA)")
-    bench: bool = flag(False, "time sampling, each update and a paper row on --device and --model, then exit")
 
 PAPER_DEFAULTS = {  # §4.1 and §4.3, and the best settings of Tables 4 and 6 (keyed by algorithm where they differ)
     "svamp": dict(lora_rank=16, lora_fraction=1 / 3, alpha=100, k=100, replay_success=0, replay_fail=0,
@@ -754,14 +753,6 @@ def setup(cfg: Config, problems: list[Problem]):
     if not stop_ids:
         raise ConfigError("the tokenizer has no EOS token; use a model whose tokenizer defines one")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    context = getattr(model.config, "max_position_embeddings", None)  # every prompt plus --max-new-tokens fits it
-    longest = sorted(problems, key=lambda problem: len(problem.question))[-8:]  # characters: a cheap first cut
-    length, problem = max(((len(encode_prompt(cfg.task, p, tokenizer)), p) for p in longest), key=lambda x: x[0],
-                          default=(0, None))
-    if context and length + cfg.max_new_tokens > context:
-        raise ConfigError(f"a {length}-token prompt ({problem.question[:40]!r}...) plus --max-new-tokens "
-                          f"{cfg.max_new_tokens} exceeds the model's {context}-token context; lower --max-new-tokens "
-                          "or leave that problem out of --data")
     missing = set(cfg.lora_targets.split(",")) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if missing and not cfg.eval_only:
         raise ConfigError(f"--lora-targets {cfg.lora_targets}: the model has no {', '.join(sorted(missing))}; the "
@@ -1302,53 +1293,6 @@ def evaluate_only(cfg: Config) -> float:
     write_evaluation(Path(cfg.out), "eval", accuracy, predictions, model=cfg.model, adapter=cfg.adapter or None)
     return accuracy
 
-# --- --bench: what a step, an update and a paper row cost on this device ---------------------------------------------
-def benchmark(cfg: Config, model=None, prompt_tokens: int = 128) -> dict:
-    """ms a decoding step (tokenrl's sampler, transformers' generate), each update's seconds and peak MB at Table 3's
-    group sizes, and each paper row's minutes, on --device with --model (or `model`, random weights of a shape: time
-    and memory depend on shapes). Completions run to --max-new-tokens (no stop): a row's estimate is an upper bound."""
-    device = run_device(cfg)
-    model = model or load_model(cfg.model, DTYPES[cfg.dtype], device)[0]
-    torch.manual_seed(cfg.seed)
-    model = add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
-                     targets=cfg.lora_targets.split(","))
-    cfg, sampler = device_choices(cfg, model)
-    vocab, n, rng, sync = model.get_output_embeddings().weight.shape[0], cfg.max_new_tokens, torch.Generator(), (
-        torch.cuda.synchronize if device.type == "cuda" else lambda: None)
-    prompt = torch.randint(vocab, (prompt_tokens,), generator=rng.manual_seed(cfg.seed)).tolist()
-    def timed(run: Callable) -> tuple[float, float, object]:  # (seconds, peak MB, result) of a call after a warm one
-        for warm in (True, False):
-            model.zero_grad(set_to_none=True)
-            sync()
-            peak_memory_mb(device, reset=True)
-            start, result = time.perf_counter(), run()
-            sync()
-        return time.perf_counter() - start, peak_memory_mb(device), result
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} "
-              "cores", "dtype": cfg.dtype, "sampler": cfg.sampler, "pass_tokens": cfg.pass_tokens}
-    groups, defaults = {}, PAPER_DEFAULTS[cfg.task]
-    for rows in (8, 16, 50):  # |G| of GRPO and S-GRPO, an evaluation batch, T-SPMO's |G|; `vocab` is never drawn
-        seconds, _, groups[rows] = timed(lambda: sampler(model, [prompt], n, cfg.temperature, stop_ids=[vocab],
-                                                         pad_id=0, copies=rows))
-        report[f"sample_ms/{rows}"] = 1000 * seconds / n
-        if rows != 16:
-            report[f"generate_ms/{rows}"] = 1000 * timed(lambda: model.generate(
-                torch.tensor([prompt], device=device), do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                max_new_tokens=n, min_new_tokens=n, num_return_sequences=rows, pad_token_id=0))[0] / n
-    for algo in ("grpo", "sgrpo", "tspmo"):
-        group, steps = groups[defaults["group_size"][algo]], defaults["steps"][algo]
-        for budget in (cfg.pass_tokens, 0):  # the device's budget, and §3.4's one completion a pass
-            report[f"update_s/{algo}/{budget}"], report[f"update_mb/{algo}/{budget}"], _ = timed(lambda: group_update(
-                model, prompt, group, [float(i % 2) for i in range(len(group))], generator=rng,  # half of them right
-                cfg=dataclasses.replace(cfg, algo=algo, pass_tokens=budget), reference=reference_from_first_adapted_layer))
-        replays = 1 + (defaults["replay_success"] + defaults["replay_fail"] if algo == "tspmo" else 0)
-        step = report[f"sample_ms/{len(group)}"] * n / 1000 + report[f"update_s/{algo}/{cfg.pass_tokens}"]
-        evaluated = math.ceil(((steps // cfg.eval_every if cfg.eval_every else 0) * cfg.eval_subset
-                               + defaults["test_size"]) / cfg.eval_batch_size)
-        report[f"row_min/{algo}"] = (steps * replays * step + evaluated * n * report["sample_ms/16"] / 1000) / 60
-    print("\n".join(f"{k:>24}  {round(v, 3) if isinstance(v, float) else v}" for k, v in report.items()))
-    return report
-
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRACKERS = ("tensorboard", "wandb", "trackio")  # --report-to's choices besides none, each its package's name
@@ -1439,8 +1383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        with contextlib.nullcontext() if cfg.bench else lock_folder(cfg), quiet():  # --bench writes no folder
-            (benchmark if cfg.bench else evaluate_only if cfg.eval_only else train)(cfg)
+        with lock_folder(cfg), quiet():
+            (evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
         return 2
