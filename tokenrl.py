@@ -48,7 +48,6 @@ import signal
 import sys
 import time
 import types
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -103,8 +102,6 @@ class Config:
     eval_only: bool = flag(False, "only evaluate on the full test set (the Base rows)")
     adapter: str = flag("", "with --eval-only: a saved adapter folder to evaluate")
     save_every: int = flag(25, "save a checkpoint every N steps")
-    sample_every: int = flag(25, "write the step's problems, completions and rewards to samples.jsonl every N steps")
-    report_to: str = flag("none", "none | tensorboard | wandb | trackio: also send every metrics row there")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
     pass_tokens: int | None = flag(None, "tokens a forward/backward pass; 0: one completion (§3.4); GPU 4096, CPU 256")
     sampler: str = flag("auto", "auto | eager | static (a static KV cache; CUDA graphs on CUDA; auto: on CUDA)")
@@ -482,8 +479,8 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
                  temperature: float, stop_ids: list[int], pad_id: int, replay_prefix: list[int] = (),
                  sampler: Callable | None = None) -> tuple[list[list[int]], list[float]]:
     """|G| completions of a prompt and their App. B rewards; replay_prefix tokens (§3.3) count as their start."""
-    completions = (sampler or generate)(model, [prompt + list(replay_prefix)], max_new_tokens, temperature, stop_ids=stop_ids,
-                          pad_id=pad_id, copies=group_size)
+    completions = (sampler or generate)(model, [prompt + list(replay_prefix)], max_new_tokens, temperature,
+                                        stop_ids=stop_ids, pad_id=pad_id, copies=group_size)
     texts = tokenizer.batch_decode([list(replay_prefix) + c for c in completions], skip_special_tokens=True)
     return completions, [reward(text, answer) for text in texts]
 
@@ -612,12 +609,11 @@ def train(cfg: Config) -> dict:
         return evaluate(model, tokenizer, cfg.task, subset, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
                         pad_id=pad_id, sampler=sampler)
-    with run_folder(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids,
-                    sampler=sampler) as run:
+    with run_folder(cfg, model, optimizer, replay=replay, stop_ids=stop_ids, sampler=sampler) as run:
         for step_index in run.steps(lambda: accuracy(test[: cfg.eval_subset])):  # evaluating every --eval-every
             run.log_step(train_step(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
                                     optimizer=optimizer, step_index=step_index, measure=run.measure,
-                                    reference=reference_from_first_adapted_layer, sampler=sampler))
+                                    sampler=sampler))
         return run.result or run.finish(*accuracy(test))
 
 
@@ -731,23 +727,8 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
         raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
     return model.to(device).eval(), tokenizer
 
-@contextlib.contextmanager
-def quiet():
-    """Noise for no user: the bar transformers draws while it de-quantises a GGUF file, and the warning peft earns
-    from transformers 5 while it wraps a model."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
-    bar = gguf_loading.tqdm
-    gguf_loading.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            yield
-    finally:
-        gguf_loading.tqdm = bar
-
 def setup(cfg: Config, problems: list[Problem]):
-    """(cfg, model, tokenizer, stop ids, pad id, sampler) after every check that needs the model, and the choices
-    made per device: --pass-tokens, and --sampler (static on CUDA where the model allows it)."""
+    """(cfg, model, tokenizer, stop ids, pad id, sampler), --pass-tokens and --sampler chosen for device and model."""
     model, tokenizer = load_model(cfg.model, DTYPES[cfg.dtype], run_device(cfg))
     stop_ids = stop_token_ids(tokenizer, model, chat=uses_chat_template(cfg.task, tokenizer))
     if not stop_ids:
@@ -771,34 +752,31 @@ def device_choices(cfg: Config, model) -> tuple[Config, Callable]:
     if cfg.algo == "tspmo" and why and budget and not cfg.eval_only:
         print(f"T-SPMO forwards each path of its trie apart: {why}", file=sys.stderr)
         budget = 0
-    window, types = getattr(model.config, "sliding_window", None), getattr(model.config, "layer_types", None)
-    why = why or (window and (types is None or "sliding_attention" in types)  # one mask serves every static layer
-                  and "its sliding-window layers would need a mask of their own")
-    wanted = gpu if cfg.sampler == "auto" else cfg.sampler == "static"
-    if wanted and why:
+    static, why = gpu if cfg.sampler == "auto" else cfg.sampler == "static", packing_refusal(model, static=True)
+    if static and why:
         print(f"sampling without a static KV cache: {why}", file=sys.stderr)
-    static = wanted and not why
-    return (dataclasses.replace(cfg, pass_tokens=budget, sampler="static" if static else "eager"),
-            static_sampler(graphs=gpu) if static else generate)
+    return (dataclasses.replace(cfg, pass_tokens=budget, sampler="static" if static and not why else "eager"),
+            static_sampler(graphs=gpu) if static and not why else generate)
 
-def packing_refusal(model) -> str | None:
-    """Why the model cannot take T-SPMO's packed trie (depths as position ids, a custom mask), or None if it can."""
+def packing_refusal(model, static: bool = False) -> str | None:
+    """Why the model cannot take a 4-D mask and position ids (T-SPMO's packed trie; static: one mask, every layer)."""
     config, lm = model.config, model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"}
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return f"{config._attn_implementation} takes no custom attention mask (sdpa or eager attention packs)"
     if "position_ids" not in inspect.signature(lm.forward).parameters or getattr(config, "alibi", False):
         return "its positions are not position ids (ALiBi), so a packed node cannot be told its depth"
+    if static and window and (types is None or "sliding_attention" in types):
+        return "its sliding-window layers would need a mask of their own"
     return f"its {', '.join(sorted(kinds))} layers take no custom mask" if kinds else None
 
 # --- Sampling at fixed shapes: a static KV cache, and on CUDA each decoding step one replayed graph -------------------
-PASS_TOKENS = {"cuda": 4096, "cpu": 256}  # --pass-tokens by device: a paper-size GRPO group whole on a GPU; CPU measured
-CACHE_STEP = 256  # cache lengths round up to a multiple: few shapes, so few graphs to capture
+PASS_TOKENS = {"cuda": 4096, "cpu": 256}  # --pass-tokens: a paper-size GRPO group whole on a GPU; on a CPU, measured
 
 def static_sampler(graphs: bool) -> Callable:
     """generate()'s draws (the same tokens under one seed) over a static KV cache: one fixed-shape batch in which
-    finished rows stay, ignored, and (graphs) each one-token forward a replayed CUDA graph. Its .observe(logits,
-    row weights), when set, reads the logits of every step (the entropy while sampling)."""
+    finished rows stay, ignored, each one-token forward a replayed CUDA graph (graphs); .observe reads each step."""
     from transformers import DynamicCache
     class StaticKV(DynamicCache):  # keys and values at fixed addresses, written at the position tensor `at`
         def __init__(self, at: torch.Tensor, length: int):
@@ -817,7 +795,7 @@ def static_sampler(graphs: bool) -> Callable:
     def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
                pad_id: int, copies: int = 1) -> list[list[int]]:
         weight, width, rows = next(model.parameters()), max(map(len, prompts)), len(prompts) * copies
-        device, length = weight.device, -(-(width + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+        device, length = weight.device, -(-(width + max_new_tokens) // 256) * 256  # few lengths: few graphs
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         def forward(ids: torch.Tensor, position: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -834,10 +812,9 @@ def static_sampler(graphs: bool) -> Callable:
             step = lambda: forward(slot.ids, slot.position, (slot.keys & (torch.arange(length, device=device) <= at))[
                 :, None])  # (B, 1, L): the keys up to `at`
             slot.step = cuda_graph(step, f"{rows} rows x {length} positions") if graphs else step
-        real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
-        real = real.repeat_interleave(copies, 0)  # (B, W): prompts left-padded
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device).repeat_interleave(
-            copies, 0)  # (B, W)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts for _ in range(copies)], device=device)
+        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(copies)],
+                            device=device).bool()  # (B, W): prompts left-padded
         position = (real.cumsum(1) - 1).clamp(min=0)  # (B, W)
         slot.keys.fill_(True)
         slot.keys[:, :width] = real
@@ -862,16 +839,15 @@ def static_sampler(graphs: bool) -> Callable:
             slot.position += 1
         completions = [row[:next((j + 1 for j, v in enumerate(row) if v in stop_ids), len(row))]
                        for row in out[:, :t + 1].tolist()]
-        for row, tokens in enumerate(completions):
-            if -1 in tokens:
-                raise FloatingPointError(NOT_FINITE.format(row))
+        bad = [row for row, tokens in enumerate(completions) if -1 in tokens]  # -1: no distribution (see draw)
+        if bad:
+            raise FloatingPointError(NOT_FINITE.format(bad[0]))
         return completions
     sample.observe = None
     return sample
 
 def cuda_graph(step: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
-    """`step` captured once as a CUDA graph and replayed at each call (one launch, its output in a fixed buffer); step
-    itself when its forward cannot be captured."""
+    """`step` captured once as a CUDA graph, replayed at each call (its output in a fixed buffer); or step itself."""
     start, stream = time.perf_counter(), torch.cuda.Stream()
     try:
         stream.wait_stream(torch.cuda.current_stream())
@@ -888,40 +864,9 @@ def cuda_graph(step: Callable[[], torch.Tensor], what: str) -> Callable[[], torc
     tqdm.write(f"CUDA graph for {what}: captured in {time.perf_counter() - start:.2f} s")
     return lambda: (graph.replay(), out)[1]
 
-# --- pi_ref from the first adapted layer: the same numbers as logprobs_and_reference, less work -----------------------
-def reference_from_first_adapted_layer(model, prompt: list[int], completions: list[list[int]],
-                                       positions: list[torch.Tensor], temperature: float = 1.0):
-    """logprobs_and_reference's numbers: below the first adapted layer pi_ref is pi_theta, so pi_ref's pass starts
-    there, from the policy's hidden state (a whole pass when LoRA sits lower too, on the embeddings, say)."""
-    layers = model.get_base_model().get_decoder().layers
-    adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
-    above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
-    above |= {id(p) for p in model.get_output_embeddings().parameters()}
-    if not adapted or not all(id(p) in above for name, p in model.named_parameters() if "lora_" in name):
-        return logprobs_and_reference(model, prompt, completions, positions, temperature=temperature)
-    entering, hook = [], layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
-        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    try:
-        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
-    finally:
-        hook.remove()
-    for layer in layers[:adapted[0]]:  # pass their input through; an instance attribute, deleted below
-        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    swap = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: (  # it gets the policy's state
-        ((entering[0], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": entering[0]})),
-        with_kwargs=True)  # every layer keeps its index: a model that picks each layer's mask by index still can
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
-    finally:
-        swap.remove()
-        for layer in layers[:adapted[0]]:
-            del layer.forward
-
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
 def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int | torch.Tensor = 1) -> None:
-    """Add the entropies of softmax(logits / T), rows (..., V), each `weight` times (a number, or one a row), adding
-    nothing to the peak reported."""
+    """Add the entropies of softmax(logits / T), (..., V), `weight` times each (or a row's own), to no reported peak."""
     tally["peak_mb"] = max(tally.get("peak_mb", 0.0), peak_memory_mb(logits.device))  # the peak before it; reset after
     with torch.no_grad():
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (..., V)
@@ -932,49 +877,35 @@ def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: i
     peak_memory_mb(logits.device, reset=True)
 
 @contextlib.contextmanager
-def measured(model, temperature: float, copies: int = 0):
-    """Wrap an update, or (copies > 0) generate of one prompt: the entropy at the update's loss positions or at every
-    sampled token, and "peak", the most bytes autograd held for backward in one pass (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    tally = {"peak": 0, "now": 0, "seen": set(), "in_backward": False, "entropy": 0.0, "n": 0}
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tally["in_backward"]:  # a pass ends when its backward starts: a new pass begins
-            tally.update(now=0, seen=set(), in_backward=False)
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in params and pointer not in tally["seen"]:
-            tally["seen"].add(pointer)
-            tally["now"] += tensor.untyped_storage().nbytes()
-            tally["peak"] = max(tally["peak"], tally["now"])
-        return tensor
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        tally["in_backward"] = True
-        return tensor
+def measured(model, temperature: float, copies: int, sampler: Callable | None = None):
+    """Around sampling `copies` completions of a prompt: TRL's entropy of softmax(logits / T) at each sampled token."""
+    tally, static = {"entropy": 0.0, "n": 0}, hasattr(sampler, "observe")
     def read(module, args, kwargs, output) -> None:
-        if copies:
-            add_entropy(tally, output.logits[:, -1], temperature, copies if tally["n"] == 0 else 1)  # prefill: copies
-        elif torch.is_grad_enabled():
-            add_entropy(tally, output.logits.detach(), temperature)
-    hook = model.register_forward_hook(read, with_kwargs=True)
+        add_entropy(tally, output.logits[:, -1], temperature, 1 if tally.get("prefilled") else copies)
+        tally["prefilled"] = True  # the first forward, the prefill, stands for each of the prompt's copies
+    hook = None if static else model.register_forward_hook(read, with_kwargs=True)
+    if static:
+        sampler.observe = lambda logits, weight: add_entropy(tally, logits, temperature, weight)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield tally
+        yield tally
         tally["entropy"], tally["n"] = float(tally["entropy"]), float(tally["n"])
     finally:
-        hook.remove()
+        if static:
+            sampler.observe = None
+        else:
+            hook.remove()
 
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
-    """Run health over a step's groups: TRL's figures under TRL's names and meanings, and two of our own."""
+    """Run health over a step's groups: TRL's figures under TRL's names and meanings, and one of our own."""
     completions, rewards = [c for g in groups for c in g["completions"]], [r for g in groups for r in g["rewards"]]
     stds = [float(torch.tensor(g["rewards"]).std()) if len(g["rewards"]) > 1 else 0.0 for g in groups]
-    def mean(kind: str) -> float | None:
-        n = sum(g.get(f"{kind}_n", 0) for g in groups)
-        return sum(g.get(f"{kind}_sum", 0.0) for g in groups) / n if n else None
+    n = sum(g.get("entropy_n", 0) for g in groups)
     return {f"{prefix}completions/mean_length": sum(map(len, completions)) / len(completions),
             f"{prefix}completions/clipped_ratio": sum(c[-1] not in stop_ids for c in completions) / len(completions),
             f"{prefix}reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
             f"{prefix}reward/group_std": sum(stds) / len(stds),
             f"{prefix}frac_reward_zero_std": sum(len(set(g["rewards"])) == 1 for g in groups) / len(groups),
-            f"{prefix}entropy": mean("entropy"), f"{prefix}entropy/loss_positions": mean("loss_entropy")}
+            f"{prefix}entropy": sum(g.get("entropy_sum", 0.0) for g in groups) / n if n else None}
 
 def lora_norms(model: torch.nn.Module) -> dict[str, float]:
     """sqrt of Eq. 10's penalty (lora_l2), and of its A and B parts (B starts at 0: at first only lambda moves A)."""
@@ -997,23 +928,9 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
         return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2 ** 10  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # elsewhere: the peak so far (macOS: bytes)
 
-def open_tracker(cfg: Config, out: Path) -> tuple:
-    """--report-to: (send a metrics row, close); both do nothing for none. wandb and trackio share init / log."""
-    def numbers(row: dict) -> dict:
-        return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tensorboard"))
-        return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in numbers(row).items()], writer.close
-    if cfg.report_to in ("wandb", "trackio"):
-        tracker = importlib.import_module(cfg.report_to)
-        tracker.init(project="tokenrl", name=out.name, config=dataclasses.asdict(cfg))
-        return lambda row: tracker.log(numbers(row), step=row["step"]), tracker.finish
-    return lambda row: None, lambda: None
-
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
-             "pass_tokens", "sampler", "sample_every", "report_to"}  # what --resume may change: not the training
+             "pass_tokens", "sampler"}  # what --resume may change: not the training
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 def save_adapter(model, path: Path) -> None:
@@ -1034,8 +951,7 @@ def lock_folder(cfg: Config):
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a")
     except OSError as error:
-        raise ConfigError(f"--out {str(out)!r} cannot be written ({error.strerror or error}); choose another --out") \
-            from None
+        raise ConfigError(f"--out {str(out)!r} cannot be written ({error.strerror or error}); choose another") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1106,7 +1022,7 @@ def load_checkpoint(model, optimizer, cfg: Config, out: Path) -> tuple[int, dict
     return None
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl (or samples.jsonl), less a torn last line (a kill mid-write); else a bad line stops."""
+    """The rows of metrics.jsonl, less a torn last line (a kill mid-write); else a bad line stops."""
     text = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else ""
     lines, rows = text.splitlines(), []
     for number, line in enumerate(lines, 1):
@@ -1116,8 +1032,7 @@ def read_metrics(path: Path) -> list[dict]:
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
-        elif number == len(lines) and not text.endswith("\n") and (line.startswith('{"step": ')
-                                                                   or '{"step": '.startswith(line)):
+        elif number == len(lines) and not text.endswith("\n") and '{"step": '[:len(line)] == line[:9]:
             print(f"dropping the torn last line of {path}", file=sys.stderr)
         else:
             raise ConfigError(f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, "
@@ -1147,7 +1062,7 @@ def resume_config(given: dict) -> Config:
     return cfg
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int], sampler: Callable):
+def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: list[int], sampler: Callable):
     """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged,
     checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, exit 128 + signal."""
     out, device = Path(cfg.out), next(model.parameters()).device
@@ -1161,20 +1076,14 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         run.rows = [row for row in read_metrics(out / "metrics.jsonl") if row["step"] < run.step or
                     row["step"] == run.step and (not row.get("eval/final") or run.step == cfg.steps)]
-        samples = [row for row in read_metrics(out / "samples.jsonl") if row["step"] <= run.step]
-        for name, kept in (("metrics.jsonl", run.rows), ("samples.jsonl", samples)):
-            if (out / name).exists():
-                write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in kept))
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in run.rows))
         print(f"resuming {out} from step {run.step}" if found else f"no checkpoint in {out}: starting from step 0")
         if any(row.get("eval/final") for row in run.rows):
             run.result = json.loads((out / "final_eval.json").read_text())
-    send, close = open_tracker(cfg, out)
-    def log(row: dict, file: str = "metrics.jsonl") -> None:  # and to the --report-to tracker
-        with open(out / file, "a") as f:  # closed at once: a crash loses no row written
+    def log(row: dict) -> None:
+        with open(out / "metrics.jsonl", "a") as f:  # closed at once: a crash loses no row written
             f.write(json.dumps(row) + "\n")
-        if file == "metrics.jsonl":
-            run.rows.append(row)
-            send(row)
+        run.rows.append(row)
     def evaluate_if_due(at: int, accuracy: Callable[[], tuple[float, list]]) -> None:
         if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
                 row["step"] == at and "eval/accuracy" in row for row in run.rows):
@@ -1194,24 +1103,16 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
             yield step_index
             evaluate_if_due(run.step, accuracy)
     @contextlib.contextmanager
-    def measure(part: str, stats: dict):  # train_on_problem's: time, entropy and memory of "sample" and "update"
+    def measure(part: str, stats: dict):  # train_on_problem's: the time and peak memory of "sample" and "update"
         sync()
-        start, name = time.perf_counter(), "entropy" if part == "sample" else "loss_entropy"
-        temperature = cfg.temperature if part == "sample" or cfg.logp_temperature else 1.0
-        observed = part == "sample" and hasattr(sampler, "observe")  # the static sampler reports its logits itself
-        with measured(model, temperature, copies=cfg.group_size if part == "sample" and not observed else 0) as tally:
-            if observed:
-                sampler.observe = lambda logits, weight: add_entropy(tally, logits, temperature, weight)
-            try:
-                yield
-            finally:
-                if observed:
-                    sampler.observe = None
+        start, sampling = time.perf_counter(), part == "sample"
+        with measured(model, cfg.temperature, cfg.group_size, sampler) if sampling else contextlib.nullcontext({}) as t:
+            yield
         sync()
-        stats.update({f"time_{part}": time.perf_counter() - start, f"{name}_sum": tally["entropy"],
-                      f"{name}_n": tally["n"], f"peak_mb_{part}": tally.get("peak_mb", 0.0)})
-        if part == "update":  # sampling runs no backward
-            stats["backward_bytes"] = tally["peak"]
+        stats.update({f"time_{part}": time.perf_counter() - start,
+                      f"peak_mb_{part}": max(t.get("peak_mb", 0.0), peak_memory_mb(device))})
+        if sampling:  # and TRL's entropy
+            stats.update(entropy_sum=t["entropy"], entropy_n=t["n"])
     def log_step(row: dict) -> None:  # check, complete and log a finished step's row; samples; checkpoint when due
         groups, norms = row.pop("groups"), lora_norms(model)
         if not all(map(math.isfinite, [norms["lora/norm"], *(g["loss"] for g in groups)])):  # before any save
@@ -1225,12 +1126,7 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
                    **{"tokens/sampled": sum(len(c) for g in groups for c in g["completions"]),
                       "time/sample": round(sum(g["time_sample"] for g in groups), 4),
                       "time/update": round(sum(g["time_update"] for g in groups), 4),
-                      "memory/peak_mb": round(max(peaks), 1),
-                      "memory/backward_mb": round(max(g["backward_bytes"] for g in groups) / 2 ** 20, 2)})
-        for g in main if cfg.sample_every and row["step"] % cfg.sample_every == 0 else []:  # what the model writes
-            texts = tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
-            log({"step": row["step"], "question": g["problem"].question, "answer": g["problem"].answer,
-                 "completions": [{"text": x, "reward": r} for x, r in zip(texts, g["rewards"])]}, "samples.jsonl")
+                      "memory/peak_mb": round(max(peaks), 1)})
         log(row)
         run.step, run.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
         run.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
@@ -1263,8 +1159,6 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, st
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {run.step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
         raise SystemExit(128 + signum)
-    finally:
-        close()
 
 def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[dict], **about) -> dict:
     """predictions_<name>.jsonl and the result: final_eval.json (name final: training) or eval.json (--eval-only)."""
@@ -1295,7 +1189,6 @@ def evaluate_only(cfg: Config) -> float:
 
 # --- Validation: every value checked before any work ------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRACKERS = ("tensorboard", "wandb", "trackio")  # --report-to's choices besides none, each its package's name
 MIN_TEMPERATURE = 1e-4  # logits / T stays finite in float32 for any logit below 3e34
 
 def resolve_config(cfg: Config) -> Config:
@@ -1315,11 +1208,12 @@ def resolve_config(cfg: Config) -> Config:
     at_least = {"alpha": 0, "k": 1, "group_size": 2, "max_new_tokens": 1, "steps": 0, "weight_decay": 0,
                 "batch_size": 1, "pass_tokens": 0, "beta": 0, "lam": 0, "replay_success": 0,
                 "replay_fail": 0, "lora_rank": 1, "digits": 1, "digits_b": 1, "test_size": 1, "eval_every": 0,
-                "eval_subset": 1, "eval_batch_size": 1, "save_every": 1, "sample_every": 0, "max_grad_norm": 0,
+                "eval_subset": 1, "eval_batch_size": 1, "save_every": 1, "max_grad_norm": 0,
                 "eval_temperature": 0}
     why = {"alpha": "; it is Eq. 6's count of always-kept tokens", "k": "; it is Eq. 6's cap on the tokens in the loss",
            "group_size": "; a group needs a baseline", "eval_temperature": "; 0 is greedy"}
-    checks = [(getattr(cfg, k) is None or getattr(cfg, k) >= v, f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
+    checks = [(getattr(cfg, k) is None or getattr(cfg, k) >= v,  # pass_tokens: None until the device is known
+               f"--{k.replace('_', '-')} must be >= {v} (got {getattr(cfg, k)}){why.get(k, '')}")
               for k, v in at_least.items()] + [
         (0.0 <= cfg.p <= 1.0, f"--p must be in [0, 1] (got {cfg.p}); it is Eq. 6's Bernoulli probability"),
         (cfg.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE} (got {cfg.temperature}); "
@@ -1330,13 +1224,8 @@ def resolve_config(cfg: Config) -> Config:
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0 (got {cfg.lora_alpha})"),
         (0 < cfg.lora_fraction <= 1, f"--lora-fraction must be in (0, 1] (got {cfg.lora_fraction})"),
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
-        (cfg.std in ("sample", "population"), f"--std must be sample or population (got {cfg.std!r})"),
-        (cfg.sampler in ("auto", "eager", "static"), f"--sampler must be auto, eager or static (got {cfg.sampler!r})"),
-        (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})"),
-        (cfg.report_to in ("none", *TRACKERS), f"--report-to must be one of none, {', '.join(TRACKERS)} (got "
-         f"{cfg.report_to!r})"),
-        (cfg.report_to not in TRACKERS or importlib.util.find_spec(cfg.report_to) is not None,
-         f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to}"),
+        *((getattr(cfg, k) in v, f"--{k} must be one of {', '.join(v)} (got {getattr(cfg, k)!r})") for k, v in
+          {"std": ("sample", "population"), "sampler": ("auto", "eager", "static"), "dtype": tuple(DTYPES)}.items()),
         (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
         (not cfg.model.endswith(".gguf") and not cfg.model.startswith(("/", "./", "../", "~"))
          or os.path.exists(os.path.expanduser(cfg.model)), f"cannot load model {cfg.model!r}: no such file or folder; "
@@ -1383,7 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        with lock_folder(cfg), quiet():
+        with lock_folder(cfg):
             (evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
