@@ -975,6 +975,7 @@ def test_samplers_are_chosen_per_device_and_model(monkeypatch, tiny_dir, capsys)
     chosen, sampler = tokenrl.device_choices(dataclasses.replace(cfg, sampler="static", pass_tokens=7), model)
     assert (chosen.sampler, chosen.pass_tokens, hasattr(sampler, "observe")) == ("static", 7, True)
     monkeypatch.setattr(tokenrl, "run_device", lambda cfg: torch.device("cuda"))  # nothing runs on it here
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     chosen, sampler = tokenrl.device_choices(cfg, model)
     assert (chosen.sampler, chosen.pass_tokens, hasattr(sampler, "observe")) == ("static", 4096, True)
     windowed = build_model(build_tokenizer(), arch="mistral", sliding_window=8)  # one mask cannot serve it

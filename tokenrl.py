@@ -372,7 +372,7 @@ def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advanta
     logits / loss_temperature; token_sets[i]: (N_i,) positions of T_i. Returns the loss, mean KL and loss tokens."""
     group, reference = len(completions), reference or logprobs_and_reference
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
-    lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # ~ y_<max(T_i)
+    lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # a row: y_<=max(T_i)
     loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
     for chunk in split_passes(lengths, pass_tokens):
         inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
@@ -747,7 +747,9 @@ def run_device(cfg: Config) -> torch.device:
 
 def device_choices(cfg: Config, model) -> tuple[Config, Callable]:
     """(cfg, sampler): --pass-tokens and --sampler filled in for the device and the model."""
-    gpu, why = run_device(cfg).type == "cuda", packing_refusal(model)
+    device, why = run_device(cfg), packing_refusal(model)
+    if gpu := device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)  # CUDA graphs are captured on the current device
     budget = PASS_TOKENS["cuda" if gpu else "cpu"] if cfg.pass_tokens is None else cfg.pass_tokens
     if cfg.algo == "tspmo" and why and budget and not cfg.eval_only:
         print(f"T-SPMO forwards each path of its trie apart: {why}", file=sys.stderr)
@@ -839,9 +841,8 @@ def static_sampler(graphs: bool) -> Callable:
             slot.position += 1
         completions = [row[:next((j + 1 for j, v in enumerate(row) if v in stop_ids), len(row))]
                        for row in out[:, :t + 1].tolist()]
-        bad = [row for row, tokens in enumerate(completions) if -1 in tokens]  # -1: no distribution (see draw)
-        if bad:
-            raise FloatingPointError(NOT_FINITE.format(bad[0]))
+        for row in (row for row, tokens in enumerate(completions) if -1 in tokens):  # -1: no distribution (draw)
+            raise FloatingPointError(NOT_FINITE.format(row))
         return completions
     sample.observe = None
     return sample
@@ -883,17 +884,15 @@ def measured(model, temperature: float, copies: int, sampler: Callable | None = 
     def read(module, args, kwargs, output) -> None:
         add_entropy(tally, output.logits[:, -1], temperature, 1 if tally.get("prefilled") else copies)
         tally["prefilled"] = True  # the first forward, the prefill, stands for each of the prompt's copies
-    hook = None if static else model.register_forward_hook(read, with_kwargs=True)
     if static:
         sampler.observe = lambda logits, weight: add_entropy(tally, logits, temperature, weight)
+    undo = ((lambda: setattr(sampler, "observe", None)) if static else
+            model.register_forward_hook(read, with_kwargs=True).remove)
     try:
         yield tally
         tally["entropy"], tally["n"] = float(tally["entropy"]), float(tally["n"])
     finally:
-        if static:
-            sampler.observe = None
-        else:
-            hook.remove()
+        undo()
 
 def group_health(groups: list[dict], stop_ids: list[int], prefix: str = "") -> dict:
     """Run health over a step's groups: TRL's figures under TRL's names and meanings, and one of our own."""
