@@ -967,6 +967,36 @@ def test_the_static_sampler_draws_what_generate_draws_under_one_seed(arch):
     assert [static(model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4) for p in prompts] == eager
 
 
+def test_the_graph_path_without_a_gpu_draws_what_generate_draws(monkeypatch):
+    """graphs=True with cuda_graph's contract played on a CPU: three warm-up steps that write the cache, then every
+    call refreshes one fixed output buffer; Python checks for finished rows every 8th step only."""
+    def replayed(step, what):
+        for _ in range(3):
+            step()
+        out = step()
+        return lambda: out.copy_(step())  # the same tensor each time, as a replayed graph's output
+
+    monkeypatch.setattr(tokenrl, "cuda_graph", replayed)
+    tokenizer = build_tokenizer()
+    model = tokenrl.add_lora(build_model(tokenizer, seed=31, **PEAKED), 4, 0.5, 4.0, ["q_proj", "v_proj"])
+    prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "What's 12 x 5?")]
+    torch.manual_seed(3)
+    free = tokenrl.generate(model, prompts, 16, 0.8, [tokenizer.eos_token_id], tokenizer.pad_token_id, copies=3)
+    longest = sorted(free, key=len)[-2:]
+    stop = sorted({longest[0][2], longest[1][-4]})
+    greedy = tokenrl.generate(model, prompts, 16, 0.0, [len(tokenizer) + 7], tokenizer.pad_token_id)  # no stop
+    def ends(v: list[int]) -> int:  # the step at which the last row stops, with stop ids v
+        return max(min([row.index(x) for x in v if x in row] + [99]) for row in greedy)
+    every_row = next([a, b] for a in range(len(tokenizer)) for b in range(a) if 8 < ends([a, b]) < 15)
+    graphed = tokenrl.static_sampler(graphs=True)
+    for temperature, seed, stops in ((0.0, 0, stop), (0.8, 3, stop), (0.8, 4, stop), (0.0, 0, every_row)):
+        torch.manual_seed(seed)
+        eager = tokenrl.generate(model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3)
+        torch.manual_seed(seed)
+        assert graphed(model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3) == eager
+    assert 8 < max(map(len, eager)) < 16  # stopped between two 8-step checks: the steps after it were trimmed
+
+
 def test_samplers_are_chosen_per_device_and_model(monkeypatch, tiny_dir, capsys):
     cfg = tokenrl.resolve_config(tokenrl.Config(algo="grpo", task="mult", model=tiny_dir, device="cpu"))
     model, _ = tokenrl.load_model(tiny_dir, torch.float32, torch.device("cpu"))
