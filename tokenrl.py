@@ -1112,7 +1112,7 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: lis
                       f"peak_mb_{part}": max(t.get("peak_mb", 0.0), peak_memory_mb(device))})
         if sampling:  # and TRL's entropy
             stats.update(entropy_sum=t["entropy"], entropy_n=t["n"])
-    def log_step(row: dict) -> None:  # check, complete and log a finished step's row; samples; checkpoint when due
+    def log_step(row: dict) -> None:  # check, complete and log a finished step's row; checkpoint when due
         groups, norms = row.pop("groups"), lora_norms(model)
         if not all(map(math.isfinite, [norms["lora/norm"], *(g["loss"] for g in groups)])):  # before any save
             raise ConfigError(f"step {row['step']}: the update is not finite (loss {row['loss']}, LoRA norm "
