@@ -367,17 +367,17 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
 # --- The updates: each accumulates the gradient of -J pass by pass (§3.4), then the caller's AdamW steps --------------
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, loss_temperature: float, scale: float = 1.0,
-                 pass_tokens: int = 0, reference: Callable | None = None) -> dict:
+                 pass_tokens: int = 0) -> dict:
     """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO, the loss's
     logits / loss_temperature; token_sets[i]: (N_i,) positions of T_i. Returns the loss, mean KL and loss tokens."""
-    group, reference = len(completions), reference or logprobs_and_reference
+    group = len(completions)
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # a row: y_<=max(T_i)
     loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
     for chunk in split_passes(lengths, pass_tokens):
         inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
         if beta:  # pi_ref: the base model, never updated (§3.2)
-            logps, ref_logps = reference(*inputs, temperature=loss_temperature)
+            logps, ref_logps = logprobs_and_reference(*inputs, temperature=loss_temperature)
             kl_sum = kl_sum + sum(kl_estimate(lp.detach(), ref).sum() for lp, ref in zip(logps, ref_logps))
         else:
             logps, ref_logps = completion_logprobs(*inputs, temperature=loss_temperature), [None] * len(chunk)
@@ -486,8 +486,7 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
-                     measure: Callable | None = None, reference: Callable | None = None,
-                     sampler: Callable | None = None) -> dict:
+                     measure: Callable | None = None, sampler: Callable | None = None) -> dict:
     """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
     measure = measure or (lambda part, stats: contextlib.nullcontext())  # Part 2 passes one that times and weighs
@@ -498,11 +497,11 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
                                             replay_prefix=replay_prefix, sampler=sampler)
     with measure("update", stats):
         stats.update(group_update(model, prompt + replay_prefix, completions, rewards, cfg, generator=generator,
-                                  scale=scale, reference=reference))
+                                  scale=scale))
     return {**stats, "completions": completions, "rewards": rewards}
 
 def group_update(model, prompt: list[int], completions: list[list[int]], rewards: list[float], cfg: Config,
-                 generator: torch.Generator | None, scale: float = 1.0, reference: Callable | None = None) -> dict:
+                 generator: torch.Generator | None, scale: float = 1.0) -> dict:
     """cfg.algo's gradient from one scored group: GRPO or S-GRPO (Eq. 2, 5, 6), or T-SPMO (Eq. 7-10)."""
     loss_temperature, budget = cfg.temperature if cfg.logp_temperature else 1.0, cfg.pass_tokens or 0
     if cfg.algo == "tspmo":
@@ -514,7 +513,7 @@ def group_update(model, prompt: list[int], completions: list[list[int]], rewards
                   sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                   for c in completions]
     return sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta, scale=scale,
-                        loss_temperature=loss_temperature, pass_tokens=budget, reference=reference)
+                        loss_temperature=loss_temperature, pass_tokens=budget)
 
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
 def clip_gradient(model, max_norm: float) -> float:
