@@ -29,26 +29,12 @@ validation, command line). Where the paper is silent we chose, and each choice i
      whole completions, padding counted; T-SPMO: the trie's paths to non-zero pairs). Any budget, the same gradient.
  15. No gradient clipping (--max-grad-norm 0; TRL clips at 1.0).
 """
-import argparse
 import contextlib
-import copy
 import dataclasses
-import errno
-import fcntl
-import importlib.util
 import inspect
-import json
 import math
-import os
 import random
 import re
-import resource
-import shutil
-import signal
-import sys
-import time
-import types
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -102,6 +88,8 @@ class Config:
     eval_only: bool = flag(False, "only evaluate on the full test set (the Base rows)")
     adapter: str = flag("", "with --eval-only: a saved adapter folder to evaluate")
     save_every: int = flag(25, "save a checkpoint every N steps")
+    report_to: str = flag("none", "none | tensorboard | wandb | trackio, or a comma list: send every metrics row there")
+    log_completions: int = flag(25, "every N steps, the step's completions to completions.jsonl and trackers; 0: never")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
     pass_tokens: int | None = flag(None, "tokens a forward/backward pass; 0: one completion (§3.4); GPU 4096, CPU 256")
     sampler: str = flag("auto", "auto | eager | static (a static KV cache; CUDA graphs on CUDA; auto: on CUDA)")
@@ -275,9 +263,8 @@ def chat_end_of_turn(tokenizer) -> int | None:
 def stop_token_ids(tokenizer, model, chat: bool = False) -> list[int]:
     """The tokenizer's EOS, the model's generation EOS and, for a chat-template prompt, the end-of-turn token."""
     generation_eos = model.generation_config.eos_token_id
-    ids = {tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
-           *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None}
-    return sorted(ids)
+    return sorted({tokenizer.eos_token_id, chat_end_of_turn(tokenizer) if chat else None,
+                   *(generation_eos if isinstance(generation_eos, list) else [generation_eos])} - {None})
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
@@ -367,17 +354,17 @@ def logprobs_and_reference(model, prompt: list[int], completions: list[list[int]
 # --- The updates: each accumulates the gradient of -J pass by pass (§3.4), then the caller's AdamW steps --------------
 def sgrpo_update(model, prompt: list[int], completions: list[list[int]], advantages: torch.Tensor,
                  token_sets: list[torch.Tensor], beta: float, loss_temperature: float, scale: float = 1.0,
-                 pass_tokens: int = 0) -> dict:
+                 pass_tokens: int = 0, reference: Callable | None = None) -> dict:
     """Eq. 5 (GRPO's Eq. 3, §3.4, when every T_i is the whole completion): backpropagate -scale * J_SGRPO, the loss's
     logits / loss_temperature; token_sets[i]: (N_i,) positions of T_i. Returns the loss, mean KL and loss tokens."""
-    group = len(completions)
+    group, reference = len(completions), reference or logprobs_and_reference  # or any pass with its numbers
     # an empty T_i adds nothing to Eq. 5's sum (its 1/|T_i| * 0 is taken as 0), but still counts in 1/|G|
     lengths = {i: int(token_sets[i].max()) + 1 for i in range(group) if len(token_sets[i])}  # a row: y_<=max(T_i)
     loss = kl_sum = torch.zeros((), device=next(model.parameters()).device)  # summed on the device: one sync
     for chunk in split_passes(lengths, pass_tokens):
         inputs = (model, prompt, [completions[i] for i in chunk], [token_sets[i] for i in chunk])
         if beta:  # pi_ref: the base model, never updated (§3.2)
-            logps, ref_logps = logprobs_and_reference(*inputs, temperature=loss_temperature)
+            logps, ref_logps = reference(*inputs, temperature=loss_temperature)
             kl_sum = kl_sum + sum(kl_estimate(lp.detach(), ref).sum() for lp, ref in zip(logps, ref_logps))
         else:
             logps, ref_logps = completion_logprobs(*inputs, temperature=loss_temperature), [None] * len(chunk)
@@ -486,7 +473,8 @@ def sample_group(model, tokenizer, prompt: list[int], answer: int, group_size: i
 
 def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Config, stop_ids: list[int],
                      pad_id: int, generator: torch.Generator | None, scale: float, replay_prefix: list[int] = (),
-                     measure: Callable | None = None, sampler: Callable | None = None) -> dict:
+                     measure: Callable | None = None, reference: Callable | None = None,
+                     sampler: Callable | None = None) -> dict:
     """Sample |G| completions (after replay_prefix, §3.3) and accumulate cfg.algo's gradient, measure() around each."""
     stats, replay_prefix = {}, list(replay_prefix)
     measure = measure or (lambda part, stats: contextlib.nullcontext())  # Part 2 passes one that times and weighs
@@ -497,11 +485,11 @@ def train_on_problem(model, tokenizer, prompt: list[int], answer: int, cfg: Conf
                                             replay_prefix=replay_prefix, sampler=sampler)
     with measure("update", stats):
         stats.update(group_update(model, prompt + replay_prefix, completions, rewards, cfg, generator=generator,
-                                  scale=scale))
+                                  scale=scale, reference=reference))
     return {**stats, "completions": completions, "rewards": rewards}
 
 def group_update(model, prompt: list[int], completions: list[list[int]], rewards: list[float], cfg: Config,
-                 generator: torch.Generator | None, scale: float = 1.0) -> dict:
+                 generator: torch.Generator | None, scale: float = 1.0, reference: Callable | None = None) -> dict:
     """cfg.algo's gradient from one scored group: GRPO or S-GRPO (Eq. 2, 5, 6), or T-SPMO (Eq. 7-10)."""
     loss_temperature, budget = cfg.temperature if cfg.logp_temperature else 1.0, cfg.pass_tokens or 0
     if cfg.algo == "tspmo":
@@ -512,8 +500,9 @@ def group_update(model, prompt: list[int], completions: list[list[int]], rewards
     token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
                   sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator=generator).nonzero()[:, 0]
                   for c in completions]
-    return sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta, scale=scale,
-                        loss_temperature=loss_temperature, pass_tokens=budget)
+    return {**sgrpo_update(model, prompt, completions, advantages, token_sets=token_sets, beta=cfg.beta, scale=scale,
+                           loss_temperature=loss_temperature, pass_tokens=budget, reference=reference),
+            "advantages": advantages.tolist()}  # Eq. 2's A_i, for the caller's logs
 
 # --- One step: --batch-size problems, one AdamW update, then T-SPMO's replay updates (§3.3) ---------------------------
 def clip_gradient(model, max_norm: float) -> float:
@@ -533,12 +522,12 @@ def replay_updates(model, tokenizer, problems: list[Problem], replay: dict, cfg:
         stats = train_on_problem(model, tokenizer, encode_prompt(cfg.task, problem, tokenizer), problem.answer,
                                  cfg=cfg, stop_ids=stop_ids, pad_id=pad_id, generator=None, scale=1.0,
                                  replay_prefix=kept, **tools)
-        stats.update(problem=problem, replay_prefix=len(kept), grad_norm=clip_gradient(model, cfg.max_grad_norm))
+        stats.update(problem=problem, replay_prefix=kept, grad_norm=clip_gradient(model, cfg.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         groups.append(stats)
-    return groups, {"replay/updates": len(groups),
-                    "replay/prefix_len": sum(g["replay_prefix"] for g in groups) / len(groups) if groups else None,
+    return groups, {"replay/updates": len(groups), "replay/prefix_len":
+                    sum(len(g["replay_prefix"]) for g in groups) / len(groups) if groups else None,
                     "replay/skipped_success": int(cfg.replay_success > 0 and not chosen_success),
                     "replay/skipped_fail": int(cfg.replay_fail > 0 and not chosen_fail)}
 
@@ -608,15 +597,34 @@ def train(cfg: Config) -> dict:
         return evaluate(model, tokenizer, cfg.task, subset, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.eval_temperature, batch_size=cfg.eval_batch_size, stop_ids=stop_ids,
                         pad_id=pad_id, sampler=sampler)
-    with run_folder(cfg, model, optimizer, replay=replay, stop_ids=stop_ids, sampler=sampler) as run:
+    with run_folder(cfg, model, optimizer, replay=replay, tokenizer=tokenizer, stop_ids=stop_ids,
+                    sampler=sampler) as run:
         for step_index in run.steps(lambda: accuracy(test[: cfg.eval_subset])):  # evaluating every --eval-every
             run.log_step(train_step(model, tokenizer, problems, replay, cfg=cfg, stop_ids=stop_ids, pad_id=pad_id,
                                     optimizer=optimizer, step_index=step_index, measure=run.measure,
-                                    sampler=sampler))
+                                    reference=reference_from_first_adapted_layer, sampler=sampler))
         return run.result or run.finish(*accuracy(test))
 
 
 # ========== Part 2: the machinery. A first read can stop here: the paper is above, and it runs by itself. ==========
+import argparse
+import copy
+import errno
+import fcntl
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
 class ConfigError(ValueError):
     """A bad flag, file or model: reported as one line that says what to do."""
 
@@ -725,6 +733,21 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device):
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot load model {name!r} ({reason}); {hint}") from None
     return model.to(device).eval(), tokenizer
+
+@contextlib.contextmanager
+def quiet():
+    """No noise for the user from our own calls: transformers' bars while it loads, de-quantises (GGUF) or saves
+    weights (not the hub's download bars), and peft's FutureWarning from transformers 5. Errors still show."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging
+    bars, gguf_bar = logging._tqdm_active, gguf_loading.tqdm
+    logging._tqdm_active, gguf_loading.tqdm = False, lambda *args, **kwargs: gguf_bar(*args, **kwargs, disable=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logging._tqdm_active, gguf_loading.tqdm = bars, gguf_bar
 
 def setup(cfg: Config, problems: list[Problem]):
     """(cfg, model, tokenizer, stop ids, pad id, sampler), --pass-tokens and --sampler chosen for device and model."""
@@ -864,6 +887,36 @@ def cuda_graph(step: Callable[[], torch.Tensor], what: str) -> Callable[[], torc
     tqdm.write(f"CUDA graph for {what}: captured in {time.perf_counter() - start:.2f} s")
     return lambda: (graph.replay(), out)[1]
 
+# --- pi_ref from the first adapted layer: logprobs_and_reference's numbers, with less work ---------------------------
+def reference_from_first_adapted_layer(model, prompt: list[int], completions: list[list[int]],
+                                       positions: list[torch.Tensor], temperature: float = 1.0):
+    """logprobs_and_reference's numbers: below the first adapted layer pi_ref is pi_theta, so pi_ref's pass starts
+    there, from the policy's hidden state (a whole pass when LoRA sits lower too, on the embeddings, say)."""
+    layers = model.get_base_model().get_decoder().layers
+    adapted = [i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
+    above = {id(p) for layer in layers[adapted[0]:] for p in layer.parameters()} if adapted else set()
+    above |= {id(p) for p in model.get_output_embeddings().parameters()}
+    if not adapted or not all(id(p) in above for name, p in model.named_parameters() if "lora_" in name):
+        return logprobs_and_reference(model, prompt, completions, positions, temperature=temperature)
+    entering, hook = [], layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: entering.append(
+        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        logps = completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    finally:
+        hook.remove()
+    for layer in layers[:adapted[0]]:  # pass their input through; an instance attribute, deleted below
+        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    swap = layers[adapted[0]].register_forward_pre_hook(lambda module, args, kwargs: (  # it gets the policy's state
+        ((entering[0], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": entering[0]})),
+        with_kwargs=True)  # every layer keeps its index: a model that picks each layer's mask by index still can
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            return logps, completion_logprobs(model, prompt, completions, positions, temperature=temperature)
+    finally:
+        swap.remove()
+        for layer in layers[:adapted[0]]:
+            del layer.forward
+
 # --- Measurement: around the parts of a step, never inside them -------------------------------------------------------
 def add_entropy(tally: dict, logits: torch.Tensor, temperature: float, weight: int | torch.Tensor = 1) -> None:
     """Add the entropies of softmax(logits / T), (..., V), `weight` times each (or a row's own), to no reported peak."""
@@ -926,9 +979,112 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> float:
         return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 2 ** 10  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # elsewhere: the peak so far (macOS: bytes)
 
+# --- What a run shows while it trains: trackers (--report-to) and completions.jsonl (--log-completions) -------------
+TRACKERS = ("tensorboard", "wandb", "trackio")  # TRL's report_to names, each also the package it needs
+
+def trackers_of(report_to: str) -> list[str]:
+    """--report-to as a list: none, one tracker, or a comma list of them."""
+    return [] if report_to == "none" else list(dict.fromkeys(report_to.split(",")))
+
+def open_tracker(name: str, cfg: Config, out: Path, state: dict, purge_step: int) -> tuple:
+    """One tracker, imported only now: (log(values, step), table(step, columns, rows), close). state["id"] names its
+    run, so that --resume continues it; TensorBoard drops its events from purge_step on instead."""
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(cfg).items()}
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+        for summary in hparams(config, {}):  # the config as the run's hyperparameters, in its own folder
+            writer.file_writer.add_summary(summary)
+        def log(values: dict, step: int) -> None:
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()  # on disk before trackers.json counts it as sent
+        def table(step: int, columns: list[str], rows: list[list]) -> None:
+            cells = [columns, ["---"] * len(columns)] + [[str(v).replace("|", "\\|").replace("\n", " ") for v in row]
+                                                         for row in rows]
+            writer.add_text("completions", "\n".join("| " + " | ".join(row) + " |" for row in cells), step)
+            writer.flush()
+        return log, table, writer.close
+    tracker, run_id = importlib.import_module(name), state.setdefault("id", secrets.token_hex(4))
+    if name == "wandb":
+        tracker.init(project="tokenrl", name=out.name, id=run_id, resume="allow", dir=str(out), config=config)
+    else:  # trackio resumes a run by its name
+        tracker.init(project="tokenrl", name=f"{out.name}-{run_id}", resume="allow", config=config)
+    return (lambda values, step: tracker.log(values, step=step),
+            lambda step, columns, rows: tracker.log({"completions": tracker.Table(columns=columns, data=rows)},
+                                                    step=step), tracker.finish)
+
+def open_trackers(cfg: Config, out: Path, logged: dict[str, list[dict]], at: int) -> tuple[Callable, Callable]:
+    """--report-to's trackers caught up with the run folder's files (logged: their rows; at: the step resumed from):
+    (send(file, index, rows), close). trackers.json counts the rows each tracker got, so each gets every row once:
+    TensorBoard drops its scalars after the checkpoint and gets them again; the rest skip what they have."""
+    path, live = out / "trackers.json", {}
+    states = json.loads(path.read_text()) if path.exists() else {}
+    def fail(name: str, error: Exception) -> None:
+        tqdm.write(f"tokenrl: --report-to {name} failed ({type(error).__name__}: {str(error)[:120]}); training goes "
+                   "on, and metrics.jsonl keeps every row", file=sys.stderr)
+        live.pop(name, None)
+    def send(file: str, index: int, rows: list[dict], names: list[str] | None = None) -> None:
+        for name in names or list(live):  # rows: one metrics row, or one step's completions
+            state = states[name]
+            if index < state.get(file, 0):  # it has them: rows the resumed run repeats
+                continue
+            try:
+                log, table, _ = live[name]
+                if file == "metrics.jsonl":
+                    log({k: v for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "step"},
+                        rows[0]["step"])
+                else:
+                    table(rows[0]["step"], list(rows[0]), [list(row.values()) for row in rows])
+            except Exception as error:  # the tracker's own failure: the run goes on without it
+                fail(name, error)
+                continue
+            state[file] = index + len(rows)
+            write_atomic(path, json.dumps(states))
+    for name in trackers_of(cfg.report_to):
+        state = states.setdefault(name, {})
+        for file in logged:  # rows it got past the kept ones are skipped when the resumed run repeats them
+            state.setdefault(file, 0)
+        metrics = logged["metrics.jsonl"]
+        purge = min(at, metrics[state["metrics.jsonl"]]["step"] if state["metrics.jsonl"] < len(metrics) else at)
+        if name == "tensorboard":  # its scalars from the first step it lacks or must lose: dropped, and sent again
+            state["metrics.jsonl"] = next((i for i, r in enumerate(metrics) if r["step"] >= purge), len(metrics))
+        try:
+            live[name] = open_tracker(name, cfg, out, state, purge_step=purge)
+        except Exception as error:
+            fail(name, error)
+            continue
+        backlog = [(row["step"], f, i) for f, rows in logged.items() for i, row in enumerate(rows) if i >= state[f]]
+        for step, file, index in sorted(backlog):  # in step order, as the run logged them
+            chunk = [logged[file][index]] if file == "metrics.jsonl" else [  # a step's completions go together
+                row for row in logged[file][index:] if row["step"] == step]
+            if file == "metrics.jsonl" or index == 0 or logged[file][index - 1]["step"] != step:
+                send(file, index, chunk, names=[name])
+    def close() -> None:
+        for name in list(live):
+            with contextlib.suppress(Exception):
+                live.pop(name)[2]()
+    return send, close
+
+def completion_rows(step: int, groups: list[dict], tokenizer, stop_ids: list[int]) -> list[dict]:
+    """completions.jsonl's rows for a step: each completion of each group (the main one(s), then replays), its reward,
+    tokens, stop, and what its update used (Eq. 2's A_i; T-SPMO: the group's |U| and non-zero pairs)."""
+    rows = []
+    for g in groups:
+        prefix, texts = g.get("replay_prefix"), tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
+        for i, (completion, text, r) in enumerate(zip(g["completions"], texts, g["rewards"])):
+            rows.append({"step": step, "question": g["problem"].question, "answer": g["problem"].answer,
+                         "replay_prefix": None if prefix is None else tokenizer.decode(prefix, skip_special_tokens=True),
+                         "completion": text, "reward": r, "tokens": len(completion),
+                         "stopped": completion[-1] in stop_ids, "advantage": g["advantages"][i] if "advantages" in g
+                         else None, "unique_pairs": g.get("unique_pairs"),
+                         "nonzero_pairs": g["loss_tokens"] if "unique_pairs" in g else None})
+    return rows
+
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
-             "pass_tokens", "sampler"}  # what --resume may change: not the training
+             "pass_tokens", "sampler", "report_to", "log_completions"}  # what --resume may change: not the training
 KEEP_STATES = 2  # checkpoints that keep their state.pt: a damaged newest one falls back to the one before
 
 def save_adapter(model, path: Path) -> None:
@@ -1060,33 +1216,39 @@ def resume_config(given: dict) -> Config:
     return cfg
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: list[int], sampler: Callable):
-    """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged,
-    checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short, save, exit 128 + signal."""
+def run_folder(cfg: Config, model, optimizer, replay: dict | None, tokenizer, stop_ids: list[int], sampler: Callable):
+    """train()'s run folder, yielded as `run`: resumed from its newest checkpoint, each step measured, checked, logged
+    (and sent to --report-to), checkpointed, evaluated when due; Ctrl-C, SIGTERM or SIGHUP undo the step cut short,
+    save, exit 128 + signal."""
     out, device = Path(cfg.out), next(model.parameters()).device
     trained = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # timings measure the GPU's work
     found = load_checkpoint(model, optimizer, cfg, out) if cfg.resume else None
-    run = types.SimpleNamespace(step=found[0] if found else 0, undo=None, rows=[], result=None)
+    run = types.SimpleNamespace(step=found[0] if found else 0, undo=None, rows=[], completions=[], result=None)
     if found and found[1] is not None:
         replay.update(found[1])
     if cfg.resume:  # restored: the flags --resume changed are written, the rows after the checkpoint go
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         run.rows = [row for row in read_metrics(out / "metrics.jsonl") if row["step"] < run.step or
                     row["step"] == run.step and (not row.get("eval/final") or run.step == cfg.steps)]
-        write_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in run.rows))
+        run.completions = [row for row in read_metrics(out / "completions.jsonl") if row["step"] <= run.step]
+        for name, rows in (("metrics.jsonl", run.rows), ("completions.jsonl", run.completions)):
+            write_atomic(out / name, "".join(json.dumps(row) + "\n" for row in rows))
         print(f"resuming {out} from step {run.step}" if found else f"no checkpoint in {out}: starting from step 0")
         if any(row.get("eval/final") for row in run.rows):
             run.result = json.loads((out / "final_eval.json").read_text())
-    def log(row: dict) -> None:
-        with open(out / "metrics.jsonl", "a") as f:  # closed at once: a crash loses no row written
-            f.write(json.dumps(row) + "\n")
-        run.rows.append(row)
+    send, close = open_trackers(cfg, out, {"metrics.jsonl": run.rows, "completions.jsonl": run.completions}, run.step)
+    def log(rows: list[dict], file: str = "metrics.jsonl") -> None:  # and to each tracker
+        with open(out / file, "a") as f:  # closed at once: a crash loses no row written
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        logged = run.rows if file == "metrics.jsonl" else run.completions
+        logged += rows
+        send(file, len(logged) - len(rows), rows)
     def evaluate_if_due(at: int, accuracy: Callable[[], tuple[float, list]]) -> None:
         if cfg.eval_every and at % cfg.eval_every == 0 and at < cfg.steps and not any(
                 row["step"] == at and "eval/accuracy" in row for row in run.rows):
             value, predictions = accuracy()
-            log({"step": at, "eval/accuracy": value, "eval/n": len(predictions)})
+            log([{"step": at, "eval/accuracy": value, "eval/n": len(predictions)}])
             tqdm.write(f"step {at}: accuracy {value:.3f} on {len(predictions)} test problems")
     def steps(accuracy: Callable[[], tuple[float, list]]):  # the steps still to run; accuracy() when due
         if run.result:
@@ -1125,7 +1287,11 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: lis
                       "time/sample": round(sum(g["time_sample"] for g in groups), 4),
                       "time/update": round(sum(g["time_update"] for g in groups), 4),
                       "memory/peak_mb": round(max(peaks), 1)})
-        log(row)
+        if cfg.log_completions and row["step"] % cfg.log_completions == 0:
+            rows = completion_rows(row["step"], groups, tokenizer, stop_ids)
+            log(rows, file="completions.jsonl")
+            tqdm.write(f"step {row['step']}: reward {rows[0]['reward']:.0f} for {rows[0]['completion'][:200]!r}")
+        log([row])
         run.step, run.undo = row["step"], None  # done: from here on a Ctrl-C saves this step
         run.bar.set_postfix(reward=f"{row['reward/mean']:.2f}", loss_tokens=row["tokens/loss"],
                             clipped=f"{row['completions/clipped_ratio']:.2f}")
@@ -1134,7 +1300,7 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: lis
     def finish(accuracy: float, predictions: list[dict]) -> dict:  # the adapter, final_eval.json, every prediction
         save_adapter(model, out / "adapter")
         result = write_evaluation(out, "final", accuracy, predictions, steps=run.step)
-        log({"step": run.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True})
+        log([{"step": run.step, "eval/accuracy": accuracy, "eval/n": len(predictions), "eval/final": True}])
         return result
     run.__dict__.update(steps=steps, measure=measure, log_step=log_step, finish=finish)
     try:
@@ -1157,6 +1323,8 @@ def run_folder(cfg: Config, model, optimizer, replay: dict | None, stop_ids: lis
         print(f"\n{signal.Signals(signum).name}: saved {path} (step {run.step}); continue with: python tokenrl.py "
               f"--resume --out {out}", file=sys.stderr)
         raise SystemExit(128 + signum)
+    finally:
+        close()
 
 def write_evaluation(out: Path, name: str, accuracy: float, predictions: list[dict], **about) -> dict:
     """predictions_<name>.jsonl and the result: final_eval.json (name final: training) or eval.json (--eval-only)."""
@@ -1207,7 +1375,7 @@ def resolve_config(cfg: Config) -> Config:
                 "batch_size": 1, "pass_tokens": 0, "beta": 0, "lam": 0, "replay_success": 0,
                 "replay_fail": 0, "lora_rank": 1, "digits": 1, "digits_b": 1, "test_size": 1, "eval_every": 0,
                 "eval_subset": 1, "eval_batch_size": 1, "save_every": 1, "max_grad_norm": 0,
-                "eval_temperature": 0}
+                "eval_temperature": 0, "log_completions": 0}
     why = {"alpha": "; it is Eq. 6's count of always-kept tokens", "k": "; it is Eq. 6's cap on the tokens in the loss",
            "group_size": "; a group needs a baseline", "eval_temperature": "; 0 is greedy"}
     checks = [(getattr(cfg, k) is None or getattr(cfg, k) >= v,  # pass_tokens: None until the device is known
@@ -1224,6 +1392,10 @@ def resolve_config(cfg: Config) -> Config:
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         *((getattr(cfg, k) in v, f"--{k} must be one of {', '.join(v)} (got {getattr(cfg, k)!r})") for k, v in
           {"std": ("sample", "population"), "sampler": ("auto", "eager", "static"), "dtype": tuple(DTYPES)}.items()),
+        (set(trackers_of(cfg.report_to)) <= set(TRACKERS), f"--report-to must be none, {', '.join(TRACKERS)}, or a "
+         f"comma list of them (got {cfg.report_to!r})"),
+        *((importlib.util.find_spec(name) is not None, f"--report-to {name} needs its package: pip install {name}")
+          for name in trackers_of(cfg.report_to) if name in TRACKERS),
         (not cfg.adapter or cfg.eval_only, "--adapter goes with --eval-only (to train on, use --resume)"),
         (not cfg.model.endswith(".gguf") and not cfg.model.startswith(("/", "./", "../", "~"))
          or os.path.exists(os.path.expanduser(cfg.model)), f"cannot load model {cfg.model!r}: no such file or folder; "
@@ -1270,7 +1442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = vars(build_parser().parse_args(argv))
         cfg = resume_config(given) if given.get("resume") else resolve_config(Config(**given))
-        with lock_folder(cfg):
+        with lock_folder(cfg), quiet():
             (evaluate_only if cfg.eval_only else train)(cfg)
     except (ConfigError, FloatingPointError) as error:  # FloatingPointError: the sampler met NaN or inf logits
         print(f"tokenrl: error: {error}", file=sys.stderr)
