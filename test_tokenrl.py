@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -996,6 +997,46 @@ def test_rows_that_stop_at_different_steps_keep_their_tokens_and_positions(kind)
         assert generate(model, [prompt], 12, 0.0, stop, tokenizer.pad_token_id, copies=2) == [row, row]
 
 
+def recorded(sample, *args, **kwargs) -> tuple[list, list]:
+    """(completions, what draw saw at each step: (logits (B, V), uniforms (B, 1) or None)) of one sampler call."""
+    calls, real = [], tokenrl.draw
+
+    def spy(logits, temperature, u):
+        calls.append((logits.clone(), None if u is None else u.clone()))
+        return real(logits, temperature, u)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenrl, "draw", spy)
+        return sample(*args, **kwargs), calls
+
+
+def assert_same_draws(eager: tuple, static: tuple, temperature: float) -> int:
+    """generate's rows (eager) and the static path's agree token for token, except that a row may part where the two
+    paths' logits differ and its uniform lies within that difference of a CDF boundary (greedy: its two best logits
+    lie within twice that difference). Returns the rows that parted."""
+    (rows_e, calls_e), (rows_s, calls_s) = eager, static
+    parted = 0
+    for r, (a, b) in enumerate(zip(rows_e, rows_s)):
+        t = next((t for t in range(min(len(a), len(b))) if a[t] != b[t]), None)
+        if t is None:
+            assert a == b
+            continue
+        live = sum(len(q) > t for q in rows_e[:r])  # generate's batch at step t holds the rows still sampling
+        le, ls = calls_e[t][0][live].double(), calls_s[t][0][r].double()
+        gap = float((le - ls).abs().max())
+        assert gap > 0, f"row {r} parted at step {t} although both paths' logits agree to the bit"
+        if temperature == 0:
+            best = le.topk(2).values
+            assert float(best[0] - best[1]) <= 2 * gap
+        else:
+            ce, cs = (torch.softmax(x / temperature, -1).cumsum(-1) for x in (le, ls))
+            u = float(calls_e[t][1][live])
+            assert u == float(calls_s[t][1][r])  # the same uniform in both paths
+            assert float((ce - u).abs().min()) <= float((ce - cs).abs().max()) + 1e-12
+        parted += 1
+    return parted
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_the_static_sampler_draws_what_generate_draws_under_one_seed(arch):
     tokenizer = build_tokenizer()
@@ -1005,21 +1046,39 @@ def test_the_static_sampler_draws_what_generate_draws_under_one_seed(arch):
     free = tokenrl.generate(model, prompts, 16, 0.8, [tokenizer.eos_token_id], tokenizer.pad_token_id, copies=3)
     longest = sorted(free, key=len)[-2:]
     stop = sorted({longest[0][2], longest[1][-4]})  # tokens that end rows at different steps
-    static, lengths = tokenrl.static_sampler(graphs=False), set()
+    static, lengths, parted = tokenrl.static_sampler(graphs=False), set(), 0
     for temperature, seed in ((0.0, 0), (0.8, 3), (0.8, 4), (1.5, 5)):
         torch.manual_seed(seed)
-        eager = tokenrl.generate(model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3)
+        eager = recorded(tokenrl.generate, model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3)
         torch.manual_seed(seed)
-        assert static(model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3) == eager
-        lengths.add(tuple(map(len, eager)))
-        assert torch.rand(1).item() == (torch.manual_seed(seed), tokenrl.generate(
-            model, prompts, 16, temperature, stop, tokenizer.pad_token_id, copies=3), torch.rand(1).item())[2]
+        parted += assert_same_draws(eager, recorded(static, model, prompts, 16, temperature, stop,
+                                                    tokenizer.pad_token_id, copies=3), temperature)
+        lengths.add(tuple(map(len, eager[0])))
     assert any(len(set(row)) > 1 for row in lengths) and len(lengths) > 1  # rows finished while others went on
+    assert parted <= 2  # rounding parts a row rarely; a wrong path parts most of them
     # one prompt a call, the calls of a step: the cache and the captured shapes are reused
-    torch.manual_seed(9)
-    eager = [tokenrl.generate(model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4) for p in prompts]
-    torch.manual_seed(9)
-    assert [static(model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4) for p in prompts] == eager
+    for p in prompts:
+        torch.manual_seed(9)
+        eager = recorded(tokenrl.generate, model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4)
+        torch.manual_seed(9)
+        assert_same_draws(eager, recorded(static, model, [p], 16, 0.8, stop, tokenizer.pad_token_id, copies=4), 0.8)
+
+
+def test_same_draws_tells_rounding_from_a_wrong_path():
+    """The rule above, on hand-made logits: one uniform near a CDF boundary may part with a tiny logit difference,
+    and nothing else may."""
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    cdf = torch.softmax(logits, -1).double().cumsum(-1)
+    near = cdf[0, 0:1].view(1, 1) - 1e-9  # just below the first boundary
+    bumped = logits + torch.tensor([[0.0, 1e-6, 0.0]])  # a rounding-size difference moves that boundary past u
+    eager, static = ([[0]], [(logits, near)]), ([[1]], [(bumped, near)])
+    assert tokenrl.draw(logits, 1.0, near).tolist() == [0] and tokenrl.draw(bumped, 1.0, near).tolist() == [1]
+    assert assert_same_draws(eager, static, 1.0) == 1
+    far = torch.tensor([[0.3]], dtype=torch.float64)  # far from any boundary: parting there is a wrong path
+    with pytest.raises(AssertionError):
+        assert_same_draws(([[0]], [(logits, far)]), ([[1]], [(bumped, far)]), 1.0)
+    with pytest.raises(AssertionError):  # bit-equal logits never part
+        assert_same_draws(([[0]], [(logits, near)]), ([[1]], [(logits, near)]), 1.0)
 
 
 def test_the_graph_path_without_a_gpu_draws_what_generate_draws(monkeypatch):
@@ -1046,10 +1105,77 @@ def test_the_graph_path_without_a_gpu_draws_what_generate_draws(monkeypatch):
     graphed = tokenrl.static_sampler(graphs=True)
     for temperature, seed, stops in ((0.0, 0, stop), (0.8, 3, stop), (0.8, 4, stop), (0.0, 0, every_row)):
         torch.manual_seed(seed)
-        eager = tokenrl.generate(model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3)
+        eager = recorded(tokenrl.generate, model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3)
         torch.manual_seed(seed)
-        assert graphed(model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3) == eager
-    assert 8 < max(map(len, eager)) < 16  # stopped between two 8-step checks: the steps after it were trimmed
+        static = recorded(graphed, model, prompts, 16, temperature, stops, tokenizer.pad_token_id, copies=3)
+        assert assert_same_draws(eager, static, temperature) <= 1
+    assert 8 < max(map(len, static[0])) < 16  # stopped between two 8-step checks: the steps after it were trimmed
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "granite"])
+def test_the_static_paths_self_check_passes_where_it_samples(arch, capsys):
+    if arch == "granite":
+        model, tokenizer = other_lora_model("granite")
+    else:
+        model, tokenizer = lora_model(seed=5, arch=arch, **PEAKED)
+    prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "What's 12 x 5?")]
+    static, checks = tokenrl.static_sampler(graphs=False), []
+    real_agrees = tokenrl.agrees
+
+    def agrees(*args, **kwargs):
+        checks.append(real_agrees(*args, **kwargs))
+        return checks[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenrl, "agrees", agrees)
+        patch.setattr(tokenrl, "generate", lambda *a, **k: pytest.fail("fell back to generate"))
+        for _ in range(2):
+            static(model, prompts, 8, 0.7, [tokenizer.eos_token_id], tokenizer.pad_token_id, copies=2)
+    assert checks == [True] and "disagrees" not in capsys.readouterr().err  # once a model, and it passed
+
+
+def wrong_on_purpose(model, how: str):
+    """A forward pre-hook that breaks only the static path (4-D masks): keys beyond position 0 hidden, or decoding
+    positions that never advance past the prompt's."""
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 4:
+            return args, kwargs
+        if how == "position 0 only":
+            mask = mask.clone()
+            mask[..., 1:] = torch.finfo(mask.dtype).min
+            return args, {**kwargs, "attention_mask": mask}
+        if kwargs["input_ids"].shape[1] == 1:  # a decoding step
+            return args, {**kwargs, "position_ids": torch.full_like(kwargs["position_ids"], 3)}
+        return args, kwargs
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("how", ["position 0 only", "positions stand still"])
+def test_the_self_check_catches_a_wrong_static_path_and_falls_back_to_generates_draws(how, capsys):
+    model, tokenizer = lora_model(seed=6, **PEAKED)
+    prompts = [tokenizer(text)["input_ids"] for text in ("Problem: hi Answer:", "Q", "What's 12 x 5?")]
+    stop = [tokenizer.eos_token_id]
+    torch.manual_seed(2)
+    expected = tokenrl.generate(model, prompts, 10, 0.7, stop, tokenizer.pad_token_id, copies=2)
+    handle = wrong_on_purpose(model, how)
+    try:
+        with pytest.MonkeyPatch.context() as patch:  # unchecked, the wrong path samples from another policy
+            patch.setattr(tokenrl, "agrees", lambda *args, **kwargs: True)
+            torch.manual_seed(2)
+            assert tokenrl.static_sampler(graphs=False)(model, prompts, 10, 0.7, stop, tokenizer.pad_token_id,
+                                                        copies=2) != expected
+        static = tokenrl.static_sampler(graphs=False)
+        torch.manual_seed(2)
+        assert static(model, prompts, 10, 0.7, stop, tokenizer.pad_token_id, copies=2) == expected
+        torch.manual_seed(2)
+        assert static(model, prompts, 10, 0.7, stop, tokenizer.pad_token_id, copies=2) == expected  # and stays so
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("the static KV cache disagrees with the model's forward (max "
+                                                   "|dlogit| ") and err[0].endswith("); sampling eagerly")
+    finally:
+        handle.remove()
 
 
 def test_samplers_are_chosen_per_device_and_model(monkeypatch, tiny_dir, capsys):
@@ -1208,10 +1334,11 @@ def test_cli_trains_and_writes_metrics_and_adapter(tmp_path, tiny_dir, svamp_fil
     assert (out / "checkpoints" / "step_000001" / "state.pt").exists()  # the fallback if step 2's is damaged
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
     common = ["--algo", "sgrpo", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens",
               8, "--group-size", 4, "--eval-every", 0, "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05,
-              "--seed", 1]  # seed 1 draws a group with mixed rewards in step 2, so the adapter moves
+              "--seed", 1]
     assert run_cli(*common, "--out", tmp_path / "straight", "--steps", 4) == 0
     assert run_cli(*common, "--out", tmp_path / "split", "--steps", 2) == 0
     assert run_cli(*common, "--out", tmp_path / "split", "--steps", 4, "--resume") == 0
@@ -1228,6 +1355,7 @@ def test_cli_resume_continues_exactly(tmp_path, tiny_dir, svamp_file):
     assert max(float(t.abs().max()) for n, t in a.items() if "lora_B" in n) > 0  # training moved the adapter
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_dir, svamp_file, monkeypatch):
     out = tmp_path / "run"
     common = ["--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens", 4, "--group-size",
@@ -1360,6 +1488,22 @@ def small_run(tiny_dir, svamp_file, out, *extra) -> list:
             "--alpha", 2, "--k", 4, "--p", 0.5, "--lr", 0.05, "--eval-subset", 4, "--out", out, *extra]
 
 
+# every group's rewards 1, 0, 1, 0, ... whatever the tiny model samples: runs that must train move the adapter at every
+# step on any library version (with real rewards the tiny model is mostly wrong, and a run may never move at all)
+MIXED = ("real = tokenrl.sample_group; tokenrl.sample_group = lambda *a, **k: (lambda c, r: (c, [float(i % 2 == 0) "
+         "for i in range(len(r))]))(*real(*a, **k))")
+MIXED_MAIN = f"import sys, tokenrl; {MIXED}; sys.exit(tokenrl.main(sys.argv[1:]))"  # a command line, for subprocesses
+
+
+@pytest.fixture
+def mixed_rewards():
+    with pytest.MonkeyPatch.context() as patch:  # its own: a test's monkeypatch.undo() leaves it in place
+        namespace = {"tokenrl": types.SimpleNamespace(sample_group=tokenrl.sample_group)}
+        exec(MIXED, namespace)
+        patch.setattr(tokenrl, "sample_group", namespace["tokenrl"].sample_group)
+        yield
+
+
 def adapter_of(out: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -1374,6 +1518,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert rows(a) == rows(b)
     first, second = adapter_of(a), adapter_of(b)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert max(float(t.abs().max()) for k, t in first.items() if "lora_B" in k) > 0  # training moved the adapter
 
 
 class Crash(Exception):
@@ -1394,6 +1539,7 @@ def crash_on_call(monkeypatch, name: str, call: int, error=Crash, when=lambda *a
     monkeypatch.setattr(tokenrl, name, wrapped)
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_kill_before_the_first_checkpoint_resumes_from_step_0(tmp_path, tiny_dir, svamp_file, monkeypatch):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 2)) == 0
@@ -1425,10 +1571,11 @@ def step_rows(out: Path) -> int:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.usefixtures("mixed_rewards")
 def test_a_signal_saves_like_ctrl_c_and_a_second_process_is_refused(signum, tmp_path, tiny_dir, svamp_file, capsys):
     out = tmp_path / "run"
     flags = [str(a) for a in small_run(tiny_dir, svamp_file, out, "--eval-every", 0)]
-    run = subprocess.Popen([sys.executable, "tokenrl.py", *flags, "--steps", "100000"], cwd=ROOT,
+    run = subprocess.Popen([sys.executable, "-c", MIXED_MAIN, *flags, "--steps", "100000"], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: step_rows(out) >= 2)  # two finished steps, far from --save-every 25
@@ -1453,6 +1600,7 @@ def test_a_signal_saves_like_ctrl_c_and_a_second_process_is_refused(signum, tmp_
     assert_same_run(out, tmp_path / "straight")
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
     out = tmp_path / "run"
     real_save = tokenrl.save_checkpoint
@@ -1532,6 +1680,7 @@ def test_an_edited_or_mixed_run_folder_gets_one_line(tmp_path, tiny_dir, svamp_f
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "writer's own error"])
+@pytest.mark.usefixtures("mixed_rewards")
 def test_a_full_disk_gets_one_line_and_resumes(failure, tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
     out = tmp_path / "run"
     real_save, calls = torch.save, []
@@ -1608,6 +1757,7 @@ def test_trl_entropy_is_every_sampled_tokens_entropy_at_the_sampling_temperature
     assert tally["entropy"] / tally["n"] == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_cli_logs_health_that_resumes_like_metrics(tmp_path, tiny_dir, svamp_file, monkeypatch):
     flags = ["--algo", "tspmo", "--replay-success", 1, "--replay-fail", 1, "--eval-every", 0,
              "--max-grad-norm", 0.5, "--group-size", 4]
@@ -1647,14 +1797,16 @@ def tensorboard_events(out: Path) -> dict:
     return found
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_tensorboard_after_sigkill_and_resume_has_each_step_once_as_the_straight_run(tmp_path, tiny_dir, svamp_file):
     pytest.importorskip("tensorboard")
     flags = small_run(tiny_dir, svamp_file, tmp_path / "killed", *TRACKED, "--report-to", "tensorboard")
     straight = tmp_path / "straight"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, *TRACKED, "--report-to", "tensorboard")) == 0
     killed = tmp_path / "killed"
-    slow = ("import sys, time, tokenrl; real = tokenrl.train_step; "  # slow steps: the kill lands inside step 5
-            "tokenrl.train_step = lambda *a, **k: (time.sleep(0.4), real(*a, **k))[1]; tokenrl.main(sys.argv[1:])")
+    slow = ("import sys, time, tokenrl; step = tokenrl.train_step; "  # slow steps: the kill lands inside step 5
+            f"tokenrl.train_step = lambda *a, **k: (time.sleep(0.4), step(*a, **k))[1]; {MIXED}; "
+            "tokenrl.main(sys.argv[1:])")
     run = subprocess.Popen([sys.executable, "-c", slow, *map(str, flags)], cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -1715,6 +1867,7 @@ def trackio_history(root: Path, name: str) -> list[tuple[int, dict]]:
                 db.execute("SELECT step, metrics FROM metrics WHERE run_name = ? ORDER BY id", (name,))]
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_wandb_and_trackio_offline_get_every_row_once_across_a_kill_and_resume(tmp_path, tiny_dir, svamp_file,
                                                                               monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -1756,6 +1909,7 @@ def test_wandb_and_trackio_offline_get_every_row_once_across_a_kill_and_resume(t
         r["completion"] for r in completions[::3])
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_completions_jsonl_carries_the_advantages_the_update_used_and_resumes_byte_for_byte(
         tmp_path, tiny_dir, svamp_file, monkeypatch, capsys):
     used, real = [], tokenrl.sgrpo_update
@@ -1819,6 +1973,7 @@ def test_a_tracker_that_fails_mid_run_is_one_line_and_training_goes_on(tmp_path,
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_steps_0_then_resume_trains(tmp_path, tiny_dir, svamp_file):
     out = tmp_path / "run"
     assert run_cli(*small_run(tiny_dir, svamp_file, out, "--steps", 0)) == 0
@@ -1842,6 +1997,7 @@ def saved_on_cuda(path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.usefixtures("mixed_rewards")
 def test_checkpoints_saved_on_a_gpu_resume_on_a_cpu(tmp_path, tiny_dir, svamp_file):
     straight, moved = tmp_path / "straight", tmp_path / "moved"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
@@ -1913,6 +2069,7 @@ def test_alibi_models_run_t_spmo_one_path_a_pass():
 
 
 @pytest.mark.parametrize("damage", ["tmp folder", "empty state", "truncated state", "no adapter", "truncated adapter"])
+@pytest.mark.usefixtures("mixed_rewards")
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tmp_path, tiny_dir, svamp_file, capsys):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
@@ -1938,6 +2095,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, tmp_pa
     assert_same_run(straight, broken)
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_resume_drops_a_torn_metrics_line_and_refuses_garbage(tmp_path, tiny_dir, svamp_file, capsys):
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0
@@ -1956,6 +2114,7 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_garbage(tmp_path, tiny_dir
 
 
 @pytest.mark.parametrize("where", ["main update", "replay", "checkpoint save", "periodic eval"])
+@pytest.mark.usefixtures("mixed_rewards")
 def test_ctrl_c_anywhere_then_resume_equals_the_straight_run(where, tmp_path, tiny_dir, svamp_file, monkeypatch):
     def flags(out):
         return ["--algo", "tspmo", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8, "--max-new-tokens",
@@ -2013,6 +2172,7 @@ def test_a_non_finite_update_stops_before_it_is_saved(tmp_path, tiny_dir, svamp_
     assert tokenrl.checkpoints(out) == [] and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.usefixtures("mixed_rewards")
 def test_resume_takes_the_runs_own_config_from_any_spelling_of_its_folder(tmp_path, tiny_dir, svamp_file, capsys):
     straight, first = tmp_path / "straight", tmp_path / "first"
     assert run_cli(*small_run(tiny_dir, svamp_file, straight, "--steps", 3, "--eval-every", 0)) == 0

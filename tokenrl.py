@@ -607,22 +607,8 @@ def train(cfg: Config) -> dict:
 
 
 # ========== Part 2: the machinery. A first read can stop here: the paper is above, and it runs by itself. ==========
-import argparse
-import copy
-import errno
-import fcntl
-import importlib
-import importlib.util
-import json
-import os
-import resource
-import secrets
-import shutil
-import signal
-import sys
-import time
-import types
-import warnings
+import argparse, copy, errno, fcntl, importlib.util, json, os, resource  # Part 2's own: Part 1 needs none
+import secrets, shutil, signal, sys, time, types, warnings
 from pathlib import Path
 
 class ConfigError(ValueError):
@@ -814,7 +800,7 @@ def static_sampler(graphs: bool) -> Callable:
             return self.kv[layer_idx]
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 0
-    slots = {}  # (model, rows, cache length) -> its buffers, cache and one-token step
+    slots, checked = {}, {}  # (model, rows, cache length) -> its buffers, cache and one-token step; model -> agrees
     @torch.inference_mode()
     def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids: list[int],
                pad_id: int, copies: int = 1) -> list[list[int]]:
@@ -836,17 +822,31 @@ def static_sampler(graphs: bool) -> Callable:
             step = lambda: forward(slot.ids, slot.position, (slot.keys & (torch.arange(length, device=device) <= at))[
                 :, None])  # (B, 1, L): the keys up to `at`
             slot.step = cuda_graph(step, f"{rows} rows x {length} positions") if graphs else step
+        def prefill(ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:  # (B, W) each -> (B, V)
+            position = (real.cumsum(1) - 1).clamp(min=0)  # (B, W)
+            slot.keys.fill_(True)
+            slot.keys[:, :width] = real
+            slot.at.zero_()
+            logits = forward(ids, position, slot.keys[:, None] & (  # (B, W, L): causal, and no pads
+                torch.arange(length, device=device) <= torch.arange(width, device=device)[:, None]))
+            slot.at.fill_(width)
+            slot.position.copy_(position[:, -1:] + 1)
+            return logits
+        def advance(token: torch.Tensor) -> torch.Tensor:  # (B,) -> the next (B, V)
+            slot.ids.copy_(token[:, None])
+            logits = slot.step()
+            slot.at += 1
+            slot.position += 1
+            return logits
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts for _ in range(copies)], device=device)
         real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(copies)],
                             device=device).bool()  # (B, W): prompts left-padded
-        position = (real.cumsum(1) - 1).clamp(min=0)  # (B, W)
-        slot.keys.fill_(True)
-        slot.keys[:, :width] = real
-        slot.at.zero_()
-        logits = forward(ids, position, slot.keys[:, None] & (  # (B, W, L): causal, and no pads
-            torch.arange(length, device=device) <= torch.arange(width, device=device)[:, None]))  # (B, V)
-        slot.at.fill_(width)
-        slot.position.copy_(position[:, -1:] + 1)
+        if id(model) not in checked:  # the first call for a model: the static path checked against a plain forward
+            checked[id(model)] = agrees(model, ids, real, prefill=prefill, advance=advance, steps=max_new_tokens)
+        if not checked[id(model)]:
+            return generate(model, prompts, max_new_tokens, temperature, stop_ids=stop_ids, pad_id=pad_id,
+                            copies=copies)
+        logits = prefill(ids, real)
         out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
         done, stops = torch.zeros(rows, dtype=torch.bool, device=device), torch.tensor(stop_ids, device=device)
         for t in range(max_new_tokens):
@@ -857,10 +857,7 @@ def static_sampler(graphs: bool) -> Callable:
             done |= torch.isin(token, stops)
             if t == max_new_tokens - 1 or (not graphs or t % 8 == 7) and bool(done.all()):  # GPU: a wait in 8 steps
                 break
-            slot.ids.copy_(token.clamp(min=0)[:, None])  # -1 (not finite) stays in `out`, found below
-            logits = slot.step()
-            slot.at += 1
-            slot.position += 1
+            logits = advance(token.clamp(min=0))  # -1 (not finite) stays in `out`, found below
         completions = [row[:next((j + 1 for j, v in enumerate(row) if v in stop_ids), len(row))]
                        for row in out[:, :t + 1].tolist()]
         for row in (row for row, tokens in enumerate(completions) if -1 in tokens):  # -1: no distribution (draw)
@@ -868,6 +865,24 @@ def static_sampler(graphs: bool) -> Callable:
         return completions
     sample.observe = None
     return sample
+
+def agrees(model, ids: torch.Tensor, real: torch.Tensor, prefill: Callable, advance: Callable, steps: int) -> bool:
+    """Whether the static path (prefill, then advance: on CUDA the replayed graph) gives a plain forward's logits on
+    a few teacher-forced tokens of these rows, (B, W), made more left-padded; if not, it says so in one line."""
+    forced = ids[:, -min(4, steps):]  # (B, T): any tokens will do
+    real = real & (torch.arange(ids.shape[1], device=ids.device) >= torch.arange(len(ids), device=ids.device)[
+        :, None] % 3)  # rows left-padded by 0, 1 or 2 more
+    real[:, -1] = True
+    got = torch.stack([prefill(ids, real)] + [advance(forced[:, t]) for t in range(forced.shape[1] - 1)], 1)
+    mask = torch.cat([real, torch.ones_like(forced[:, 1:], dtype=torch.bool)], 1)  # (B, W + T - 1)
+    want = model(input_ids=torch.cat([ids, forced[:, :-1]], 1), attention_mask=mask.long(), use_cache=False,
+                 position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=forced.shape[1]).logits.float()
+    gap, tolerance = float((got - want).abs().max()), 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if gap > tolerance * (1 + float(want.abs().max())):  # rounding: 1e-5 of the scale in float32; a wrong path: ~1
+        print(f"the static KV cache disagrees with the model's forward (max |dlogit| {gap:.3g}); sampling eagerly",
+              file=sys.stderr)
+        return False
+    return True
 
 def cuda_graph(step: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
     """`step` captured once as a CUDA graph, replayed at each call (its output in a fixed buffer); or step itself."""
@@ -988,47 +1003,49 @@ def trackers_of(report_to: str) -> list[str]:
 
 def open_tracker(name: str, cfg: Config, out: Path, state: dict, purge_step: int) -> tuple:
     """One tracker, imported only now: (log(values, step), table(step, columns, rows), close). state["id"] names its
-    run, so that --resume continues it; TensorBoard drops its events from purge_step on instead."""
+    run, so that --resume continues it; TensorBoard drops its scalars from purge_step on instead."""
     config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(cfg).items()}
     if name == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
-        for summary in hparams(config, {}):  # the config as the run's hyperparameters, in its own folder
+        for summary in hparams(config, {}):  # the config as the run's hyperparameters
             writer.file_writer.add_summary(summary)
         def log(values: dict, step: int) -> None:
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
             writer.flush()  # on disk before trackers.json counts it as sent
-        def table(step: int, columns: list[str], rows: list[list]) -> None:
+        def table(step: int, columns: list[str], rows: list[list]) -> None:  # as a Markdown table
             cells = [columns, ["---"] * len(columns)] + [[str(v).replace("|", "\\|").replace("\n", " ") for v in row]
                                                          for row in rows]
             writer.add_text("completions", "\n".join("| " + " | ".join(row) + " |" for row in cells), step)
             writer.flush()
         return log, table, writer.close
     tracker, run_id = importlib.import_module(name), state.setdefault("id", secrets.token_hex(4))
-    if name == "wandb":
-        tracker.init(project="tokenrl", name=out.name, id=run_id, resume="allow", dir=str(out), config=config)
-    else:  # trackio resumes a run by its name
-        tracker.init(project="tokenrl", name=f"{out.name}-{run_id}", resume="allow", config=config)
-    return (lambda values, step: tracker.log(values, step=step),
-            lambda step, columns, rows: tracker.log({"completions": tracker.Table(columns=columns, data=rows)},
-                                                    step=step), tracker.finish)
+    tracker.init(project="tokenrl", resume="allow", config=config, **(  # trackio resumes a run by its name
+        dict(name=out.name, id=run_id, dir=str(out)) if name == "wandb" else dict(name=f"{out.name}-{run_id}")))
+    def table(step: int, columns: list[str], rows: list[list]) -> None:
+        if name == "trackio":  # its Table takes column names from a DataFrame only (trackio needs pandas)
+            import pandas
+            made = tracker.Table(dataframe=pandas.DataFrame(rows, columns=columns))
+        else:
+            made = tracker.Table(columns=columns, data=rows)
+        tracker.log({"completions": made}, step=step)
+    return lambda values, step: tracker.log(values, step=step), table, tracker.finish
 
 def open_trackers(cfg: Config, out: Path, logged: dict[str, list[dict]], at: int) -> tuple[Callable, Callable]:
-    """--report-to's trackers caught up with the run folder's files (logged: their rows; at: the step resumed from):
+    """--report-to's trackers caught up with the run folder (logged: its files' rows; at: the step resumed from), as
     (send(file, index, rows), close). trackers.json counts the rows each tracker got, so each gets every row once:
     TensorBoard drops its scalars after the checkpoint and gets them again; the rest skip what they have."""
     path, live = out / "trackers.json", {}
     states = json.loads(path.read_text()) if path.exists() else {}
-    def fail(name: str, error: Exception) -> None:
+    def fail(name: str, error: Exception) -> None:  # the tracker's own failure: the run goes on without it
         tqdm.write(f"tokenrl: --report-to {name} failed ({type(error).__name__}: {str(error)[:120]}); training goes "
                    "on, and metrics.jsonl keeps every row", file=sys.stderr)
         live.pop(name, None)
     def send(file: str, index: int, rows: list[dict], names: list[str] | None = None) -> None:
         for name in names or list(live):  # rows: one metrics row, or one step's completions
-            state = states[name]
-            if index < state.get(file, 0):  # it has them: rows the resumed run repeats
+            if index < states[name][file]:  # it has them: rows the resumed run repeats
                 continue
             try:
                 log, table, _ = live[name]
@@ -1037,16 +1054,13 @@ def open_trackers(cfg: Config, out: Path, logged: dict[str, list[dict]], at: int
                         rows[0]["step"])
                 else:
                     table(rows[0]["step"], list(rows[0]), [list(row.values()) for row in rows])
-            except Exception as error:  # the tracker's own failure: the run goes on without it
+                states[name][file] = index + len(rows)
+                write_atomic(path, json.dumps(states))
+            except Exception as error:
                 fail(name, error)
-                continue
-            state[file] = index + len(rows)
-            write_atomic(path, json.dumps(states))
     for name in trackers_of(cfg.report_to):
-        state = states.setdefault(name, {})
-        for file in logged:  # rows it got past the kept ones are skipped when the resumed run repeats them
-            state.setdefault(file, 0)
-        metrics = logged["metrics.jsonl"]
+        state, metrics = states.setdefault(name, {}), logged["metrics.jsonl"]
+        state.update({file: state.get(file, 0) for file in logged})
         purge = min(at, metrics[state["metrics.jsonl"]]["step"] if state["metrics.jsonl"] < len(metrics) else at)
         if name == "tensorboard":  # its scalars from the first step it lacks or must lose: dropped, and sent again
             state["metrics.jsonl"] = next((i for i, r in enumerate(metrics) if r["step"] >= purge), len(metrics))
@@ -1055,12 +1069,12 @@ def open_trackers(cfg: Config, out: Path, logged: dict[str, list[dict]], at: int
         except Exception as error:
             fail(name, error)
             continue
-        backlog = [(row["step"], f, i) for f, rows in logged.items() for i, row in enumerate(rows) if i >= state[f]]
-        for step, file, index in sorted(backlog):  # in step order, as the run logged them
-            chunk = [logged[file][index]] if file == "metrics.jsonl" else [  # a step's completions go together
-                row for row in logged[file][index:] if row["step"] == step]
-            if file == "metrics.jsonl" or index == 0 or logged[file][index - 1]["step"] != step:
-                send(file, index, chunk, names=[name])
+        backlog = sorted((r["step"], f, i) for f, rows in logged.items() for i, r in enumerate(rows) if i >= state[f]
+                         and (f == "metrics.jsonl" or i == 0 or rows[i - 1]["step"] != r["step"]))
+        for step, file, index in backlog:  # what it lacks, in the order the run logged it
+            rows = [r for r in logged[file][index:] if r["step"] == step]  # a step's completions go together
+            if name in live:
+                send(file, index, rows[:1] if file == "metrics.jsonl" else rows, names=[name])
     def close() -> None:
         for name in list(live):
             with contextlib.suppress(Exception):
@@ -1070,17 +1084,13 @@ def open_trackers(cfg: Config, out: Path, logged: dict[str, list[dict]], at: int
 def completion_rows(step: int, groups: list[dict], tokenizer, stop_ids: list[int]) -> list[dict]:
     """completions.jsonl's rows for a step: each completion of each group (the main one(s), then replays), its reward,
     tokens, stop, and what its update used (Eq. 2's A_i; T-SPMO: the group's |U| and non-zero pairs)."""
-    rows = []
-    for g in groups:
-        prefix, texts = g.get("replay_prefix"), tokenizer.batch_decode(g["completions"], skip_special_tokens=True)
-        for i, (completion, text, r) in enumerate(zip(g["completions"], texts, g["rewards"])):
-            rows.append({"step": step, "question": g["problem"].question, "answer": g["problem"].answer,
-                         "replay_prefix": None if prefix is None else tokenizer.decode(prefix, skip_special_tokens=True),
-                         "completion": text, "reward": r, "tokens": len(completion),
-                         "stopped": completion[-1] in stop_ids, "advantage": g["advantages"][i] if "advantages" in g
-                         else None, "unique_pairs": g.get("unique_pairs"),
-                         "nonzero_pairs": g["loss_tokens"] if "unique_pairs" in g else None})
-    return rows
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return [{"step": step, "question": g["problem"].question, "answer": g["problem"].answer,
+             "replay_prefix": decode(g["replay_prefix"]) if "replay_prefix" in g else None, "completion": decode(c),
+             "reward": r, "tokens": len(c), "stopped": c[-1] in stop_ids,
+             "advantage": g["advantages"][i] if "advantages" in g else None, "unique_pairs": g.get("unique_pairs"),
+             "nonzero_pairs": g["loss_tokens"] if "unique_pairs" in g else None}
+            for g in groups for i, (c, r) in enumerate(zip(g["completions"], g["rewards"]))]
 
 # --- Run folders: lock, signals, checkpoints, resume, rollback --------------------------------------------------------
 RESUMABLE = {"resume", "out", "steps", "eval_every", "eval_subset", "eval_batch_size", "save_every", "device",
