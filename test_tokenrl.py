@@ -2575,38 +2575,224 @@ def test_results_notebook_runs_on_metrics_made_here(tmp_path, tiny_dir, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------------------
-# TRL: the subclasses of notebooks/trl.ipynb leave tokenrl.py's gradient
+# TRL: notebooks/trl_train.py on one process and on two (torchrun, gloo)
 
 
-def trl_library() -> dict:
-    """The `# library` cells of notebooks/trl.ipynb, executed: the TRL subclasses and their helpers."""
+def trl_train():
+    """notebooks/trl_train.py as a module (skipped without TRL)."""
     pytest.importorskip("trl", reason="trl not installed (pip install trl==1.16.0)")
-    namespace: dict = {"__name__": "trl_notebook"}
-    for index, source in enumerate(notebook_cells("trl.ipynb")):
-        if source.startswith("# library"):
-            exec(compile(source, f"trl.ipynb[cell {index}]", "exec"), namespace)
-    return namespace
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import trl_train as module
+
+    return module
+
+
+def trl_config(algo: str, out: Path, **extra) -> tokenrl.Config:
+    flags = {"grpo": dict(alpha=16, k=16), "sgrpo": dict(alpha=2, k=4, p=0.5), "tspmo": dict(lam=0.01)}[algo]
+    return tokenrl.resolve_config(tokenrl.Config(**{
+        **dict(algo=algo, task="svamp", model="tiny", out=str(out), steps=1, group_size=4, max_new_tokens=16,
+               lr=1e-3, replay_success=0, beta=0.0 if algo == "tspmo" else 0.01, pass_tokens=256, device="cpu"),
+        **flags, **extra}))
+
+
+def trl_settings(cfg: tokenrl.Config, **extra) -> dict:
+    module = trl_train()
+    return {**{name: default for name, (_, default, _) in module.TRL_FLAGS.items()},
+            "per_device_train_batch_size": cfg.group_size, **extra}
+
+
+def trl_one_step(cfg: tokenrl.Config, model, tokenizer, prompt: list[int], completions: list[list[int]],
+                 answer: int, trainer_class=None) -> dict:
+    """One step of trl_train's trainer for cfg.algo on given completions (TRL's generation replaced by them): the
+    LoRA gradient it ends the step with, after DDP's averaging when several processes run it."""
+    from transformers import TrainerCallback
+
+    module = trl_train()
+    problems = [tokenrl.Problem("question", answer)] * 8
+    trainer = module.build_trainer(cfg, trl_settings(cfg), model=model, tokenizer=tokenizer, problems=problems)
+    if trainer_class is not None:  # the same set-up on another trainer class
+        trainer.__class__ = trainer_class
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    trainer._generate = lambda prompts: ([prompt] * len(prompts), completions, None, texts, None, {}, None, None)
+    grads = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.add_callback(Capture())
+    trainer.train()
+    return grads
+
+
+def tokenrl_gradient(cfg: tokenrl.Config, model, prompt: list[int], completions: list[list[int]], rewards: list[float],
+                     rank: int = 0) -> dict:
+    """The same step by tokenrl.py's own update (S-GRPO's T_i drawn as trl_train draws them on process `rank`)."""
+    model.zero_grad(set_to_none=True)
+    if cfg.algo == "tspmo":
+        adv, first = tokenrl.tspmo_advantages(completions, rewards)
+        tokenrl.tspmo_update(model, prompt, completions, adv, first, cfg.lam, cfg.temperature)
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed + rank)
+        token_sets = [torch.arange(len(c)) if cfg.algo == "grpo" else
+                      tokenrl.sgrpo_token_mask(len(c), cfg.alpha, cfg.k, cfg.p, generator).nonzero()[:, 0]
+                      for c in completions]
+        tokenrl.sgrpo_update(model, prompt, completions, tokenrl.group_advantages(torch.tensor(rewards)),
+                             token_sets, cfg.beta, cfg.temperature)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all LoRA gradients."""
+    assert a.keys() == b.keys() and a
+    return (sum(float((a[n] - b[n]).pow(2).sum()) for n in a) / sum(float(b[n].pow(2).sum()) for n in b)) ** 0.5
+
+
+def trl_groups(tokenizer) -> list[tuple]:
+    """Two groups of 4 for answer 5, each with mixed App. B rewards: (prompt, completions, rewards)."""
+    eos = tokenizer.eos_token_id
+    prompt, completions = example_group(tokenizer)
+    other = [tokenizer(t)["input_ids"] + [eos] for t in (" 7 then 5", " 5", " 55 no", " 5 or 6")]
+    groups = []
+    for group in (completions, other):
+        rewards = [tokenrl.reward(text, 5) for text in tokenizer.batch_decode(group, skip_special_tokens=True)]
+        assert 0 < sum(rewards) < 4
+        groups.append((prompt, group, rewards))
+    return groups
 
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
-def test_trl_subclass_step_leaves_tokenrls_gradient(algo, tmp_path):
-    library = trl_library()
+def test_trl_step_on_one_process_leaves_tokenrls_gradient(algo, tmp_path):
+    cfg = trl_config(algo, tmp_path / "trl")
     model, tokenizer = lora_model(seed=5, fraction=1 / 4)
-    prompt, completions = example_group(tokenizer)
-    rewards = [tokenrl.reward(text, 5) for text in tokenizer.batch_decode(completions, skip_special_tokens=True)]
-    assert rewards == [1.0, 0.0, 1.0, 0.0]
-    eq6 = {"grpo": dict(alpha=16, k=16), "sgrpo": dict(alpha=2, k=4, p=0.5), "tspmo": {}}[algo]
-    beta = 0.0 if algo == "tspmo" else 0.01
-    expected = library["tokenrl_gradient"](algo, model, prompt, completions, rewards, beta, 0.01, **eq6)
-    trainer_class = library["TSPMOTrainer" if algo == "tspmo" else "SGRPOTrainer"]
-    method = dict(lam=0.01) if algo == "tspmo" else eq6
-    got = library["trl_step_gradient"](trainer_class, model, tokenizer, prompt, completions, 5, beta,
-                                       str(tmp_path / "subclass"), **method)
-    assert len(got) == len(expected) > 0
-    assert library["relative_difference"](got, expected) < 1e-4
+    prompt, completions, rewards = trl_groups(tokenizer)[0]
+    expected = tokenrl_gradient(cfg, model, prompt, completions, rewards)
+    got = trl_one_step(cfg, model, tokenizer, prompt, completions, 5)
+    assert relative_difference(got, expected) < 1e-5
     if algo == "grpo":  # TRL's own GRPO (std + 1e-4, bias-corrected KL) does differ, so the check can tell
         from trl import GRPOTrainer
 
-        own = library["trl_step_gradient"](GRPOTrainer, model, tokenizer, prompt, completions, 5, beta,
-                                           str(tmp_path / "own"), config=dict(use_bias_correction_kl=True))
-        assert library["relative_difference"](own, expected) > 1e-4
+        cfg = trl_config(algo, tmp_path / "own")
+        own = trl_one_step(cfg, model, tokenizer, prompt, completions, 5, trainer_class=GRPOTrainer)
+        assert relative_difference(own, expected) > 1e-4
+
+
+TWO_PROCESSES = """
+import json, os, sys
+import torch
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "notebooks")]
+import test_tokenrl, tokenrl
+algo, out, rank = sys.argv[2], sys.argv[3], int(os.environ["RANK"])
+cfg = test_tokenrl.trl_config(algo, out)
+model, tokenizer = test_tokenrl.lora_model(seed=5, fraction=1 / 4)  # the same start on both processes
+prompt, completions, rewards = test_tokenrl.trl_groups(tokenizer)[rank]  # a different whole group on each
+grads = test_tokenrl.trl_one_step(cfg, model, tokenizer, prompt, completions, 5)
+torch.save(grads, os.path.join(out, f"grad_{rank}.pt"))
+"""
+
+
+def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
+def test_two_processes_end_the_step_with_the_mean_of_tokenrls_updates_of_their_groups(algo, tmp_path):
+    trl_train()
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES)
+    torchrun(script, ROOT, algo, tmp_path)
+    got = [torch.load(tmp_path / f"grad_{rank}.pt") for rank in (0, 1)]
+    cfg = trl_config(algo, tmp_path / "here")
+    model, tokenizer = lora_model(seed=5, fraction=1 / 4)
+    each = [tokenrl_gradient(cfg, model, prompt, completions, rewards, rank)
+            for rank, (prompt, completions, rewards) in enumerate(trl_groups(tokenizer))]
+    mean = {name: (each[0][name] + each[1][name]) / 2 for name in each[0]}
+    for grads in got:  # both processes hold the same, averaged gradient
+        assert relative_difference(grads, mean) < 1e-5
+    assert relative_difference(each[0], mean) > 1e-3  # the groups' own gradients differ: the mean is a real check
+
+
+def test_a_group_split_across_processes_or_micro_batches_is_refused(capsys):
+    module = trl_train()
+    for flags, message in ((["--per-device-train-batch-size", "6"], "would split groups of --group-size 4"),
+                           (["--algo", "tspmo", "--per-device-train-batch-size", "8"], "one whole group a micro-batch"),
+                           (["--algo", "tspmo", "--steps-per-generation", "2"], "one whole group a micro-batch"),
+                           (["--use-vllm"] if importlib.util.find_spec("vllm") is None else ["--group-size", "1"],
+                            "pip install vllm" if importlib.util.find_spec("vllm") is None else "--group-size"),
+                           (["--group-size", "1"], "--group-size must be >= 2"),
+                           (["--resume"], "--resume-from-checkpoint")):
+        assert module.main(["--group-size", "4", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("trl_train: error:") and message in err[0], err
+
+
+def test_trl_replay_update_equals_tokenrls_replay_updates(tmp_path, monkeypatch):
+    module = trl_train()
+    cfg = trl_config("tspmo", tmp_path / "trl", replay_success=1, replay_fail=0)
+    model, tokenizer = lora_model(seed=5, fraction=1 / 4)
+    prompt, completions, rewards = trl_groups(tokenizer)[0]
+    continuations = trl_groups(tokenizer)[1][1]  # the |G| continuations each side samples, fixed
+    monkeypatch.setattr(tokenrl, "sample_group", lambda model, tokenizer, prompt, answer, *args, replay_prefix=(),
+                        **kwargs: (continuations, [tokenrl.reward(t, answer) for t in tokenizer.batch_decode(
+                            [list(replay_prefix) + c for c in continuations], skip_special_tokens=True)]))
+    monkeypatch.setattr(tokenrl, "replay_prefix_length", lambda n, rng: 2)  # the kept prefix, fixed
+    problem = tokenrl.Problem("question", 5)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # tokenrl.py: its replay_updates on a buffer of this group, with an optimizer that records the gradient
+    recorded = []
+    buffer = {"problem": [0] * 4, "completion": [torch.tensor(c, dtype=torch.int32) for c in completions],
+              "reward": rewards}
+
+    class Recorder:
+        def step(self):
+            recorded.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(tokenrl, "encode_prompt", lambda task, problem, tokenizer: prompt)
+    groups, figures = tokenrl.replay_updates(model, tokenizer, [problem], buffer, cfg=cfg, stop_ids=[0], pad_id=0,
+                                             optimizer=Recorder(), rng=random.Random("replay:0:0"))
+    assert figures["replay/updates"] == 1 and len(groups[0]["replay_prefix"]) == 2 and len(recorded) == 1
+    # TRL: the callback after step 1, on the trainer's own state, its optimizer's step recorded instead
+    trainer = module.build_trainer(cfg, trl_settings(cfg), model=model, tokenizer=tokenizer, problems=[problem] * 8)
+    trainer.groups = [dict(prompt=prompt, completions=completions, rewards=rewards, question="question", answer=5)]
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # train() would have made TRL's; step recorded
+    replay = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Replay")
+    seen = []
+    monkeypatch.setattr(module.AveragedSteps, "step", lambda self: (seen.append(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
+        setattr(self, "steps", self.steps + 1)))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data.copy_(start[n])
+    replay.on_step_end(trainer.args, types.SimpleNamespace(global_step=1), None)
+    assert len(seen) == len(recorded) == 1
+    assert relative_difference(seen[0], recorded[0]) < 1e-6 and trainer.replay_figures["replay/updates"] == 1
+
+
+def test_two_process_tspmo_with_replay_writes_its_run_folder_and_resumes_with_the_buffer(tmp_path, tiny_dir,
+                                                                                        svamp_file):
+    trl_train()
+    flags = ["--algo", "tspmo", "--task", "svamp", "--model", tiny_dir, "--data", svamp_file, "--test-size", 8,
+             "--max-new-tokens", 6, "--group-size", 4, "--temperature", 1.0, "--replay-success", 1, "--replay-fail", 1,
+             "--save-steps", 1, "--out", tmp_path / "run"]
+    torchrun(ROOT / "notebooks" / "trl_train.py", *flags, "--steps", 2)
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["algo"] == "tspmo"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["replay/updates"] >= 1 for r in rows)
+    assert {"loss", "reward", "reward_std", "tokens/loss", "replay/prefix_len"} <= rows[0].keys()
+    assert (out / "adapter" / "adapter_config.json").exists()
+    buffers = [torch.load(out / "checkpoint-2" / f"replay_{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [len(b["buffer"]["reward"]) for b in buffers] == [8, 8]  # each process's own two groups of 4
+    torchrun(ROOT / "notebooks" / "trl_train.py", *flags, "--steps", 3, "--resume-from-checkpoint", "last")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    buffers = [torch.load(out / "checkpoint-3" / f"replay_{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [len(b["buffer"]["reward"]) for b in buffers] == [12, 12]  # the saved buffer went on growing
