@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -267,10 +268,15 @@ def metrics_callback(trainer, out: Path):
     from transformers import TrainerCallback
 
     class Rows(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            tokenrl.peak_memory_mb(trainer.accelerator.device, reset=True)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not trainer.accelerator.is_main_process or "loss" not in (logs or {}):
                 return
-            row = {"step": state.global_step, **logs}
+            row = {"step": state.global_step, **logs, "time/step": time.perf_counter() - self.start,  # replay too
+                   "memory/peak_mb": tokenrl.peak_memory_mb(trainer.accelerator.device)}  # process 0's
             figures = getattr(trainer, "replay_figures", None)
             if figures:
                 row["tokens/loss"] = row.get("tokens/loss", 0) + figures.pop("tokens/loss")
@@ -303,6 +309,9 @@ def parse(argv: list[str] | None) -> tuple[tokenrl.Config, dict]:
         raise TrlError("--resume is tokenrl.py's; on TRL, pass --resume-from-checkpoint last (or a checkpoint-N)")
     given.setdefault("out", f"runs/trl-{given.get('algo', 'sgrpo')}-{given.get('task', 'svamp')}")
     cfg = tokenrl.resolve_config(tokenrl.Config(**given))
+    if cfg.batch_size != 1:
+        raise TrlError("--batch-size is tokenrl.py's; on TRL, each process takes a group a micro-batch: use "
+                       "--gradient-accumulation-steps, or more processes")
     if cfg.algo != "tspmo" and cfg.replay_success + cfg.replay_fail:
         cfg = dataclasses.replace(cfg, replay_success=0, replay_fail=0)  # replay is T-SPMO's (§3.3)
     trl_given["per_device_train_batch_size"] = trl_given["per_device_train_batch_size"] or cfg.group_size
@@ -329,13 +338,14 @@ def build_trainer(cfg: tokenrl.Config, settings: dict, model=None, tokenizer=Non
     sgrpo, tspmo = trainers()
     if model is None:
         model, tokenizer = tokenrl.load_model(cfg.model, tokenrl.DTYPES[cfg.dtype], torch.device("cpu"))
-        model.hf_quantizer, model.is_quantized = None, False  # a GGUF model is float weights: Trainer may train it
-        model.config.__dict__.pop("quantization_config", None)
         torch.manual_seed(cfg.seed)  # LoRA's A starts random: the same --seed, the same start on every process
         model = tokenrl.add_lora(model, cfg.lora_rank, cfg.lora_fraction, lora_alpha=cfg.lora_alpha,
                                  targets=cfg.lora_targets.split(","))
-    if problems is None:
-        problems, _ = tokenrl.load_task(cfg)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.hf_quantizer, base.is_quantized = None, False  # a GGUF model is float weights: Trainer may train it
+    base.config.__dict__.pop("quantization_config", None)
+    if problems is None:  # each process takes its own problem a step: tokenrl.py's problems, in its order
+        problems, _ = tokenrl.load_task(dataclasses.replace(cfg, batch_size=int(os.environ.get("WORLD_SIZE", 1))))
     dataset = Dataset.from_list([{"prompt": tokenizer.decode(tokenrl.encode_prompt(cfg.task, p, tokenizer)),
                                   "answer": p.answer, "question": p.question} for p in problems])
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
