@@ -2820,3 +2820,19 @@ def test_trl_notebook_runs_headless_on_the_tiny_model(tiny_dir, monkeypatch):
     assert set(namespace["timing"]) == {"TRL, 1 process", "TRL, 2 processes", "tokenrl.py"}
     assert all(t["s/step"] > 0 and t["replays a step"] >= 1 for t in namespace["timing"].values())
     assert namespace["update_times"]["TRL (trl_train.tspmo_loss)"] > 0
+
+
+def test_gpu_check_runs_on_a_tiny_shape_and_finds_the_static_path_right(tmp_path):
+    """notebooks/gpu_check.py (the GPU acceptance) runs anywhere with --tiny: every parting of the static path from
+    generate is explained by rounding, float32 agrees token for token, and the self-check passed."""
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "notebooks" / "gpu_check.py"), "--tiny", "--parts",
+                           "tokens,updates", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cases = {k: v for k, v in report.items() if k.startswith("tokens/") and isinstance(v, dict)}
+    assert len(cases) == 12 and all(v["unexplained"] == 0 for v in cases.values())
+    assert all(v["same"] == 1.0 and v["max_dlogit"] < 1e-4 for k, v in cases.items() if "float32" in k)
+    assert any(v["lengths"][0] < v["lengths"][1] for v in cases.values())  # rows ended at different steps
+    assert report["tokens/float32/fell_back"] is False and report["tokens/bfloat16/fell_back"] is False
+    assert report["update_s/grpo"] > 0 and report["update_s/tspmo"] > 0
