@@ -177,7 +177,7 @@ def part_updates(report: dict, shape: dict, device: torch.device, n: int) -> Non
     gc.collect()
 
 
-def save_model(folder: Path, shape: dict) -> None:
+def save_model(folder: Path, shape: dict, device: torch.device) -> None:
     """A random Qwen2 of `shape` and a ChatML tokenizer at Qwen2's ids, as a model folder for --model."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -193,7 +193,8 @@ def save_model(folder: Path, shape: dict) -> None:
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=151643, eos_token_id=151643))
+    with device:  # a GPU draws 1.5B random weights in a second; a CPU takes a minute
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=151643, eos_token_id=151643))
     model.generation_config.eos_token_id = 151643  # as Qwen2-1.5B base
     with tokenrl.quiet():
         tokenizer.save_pretrained(folder)
@@ -211,8 +212,8 @@ def cli(*flags) -> tuple[float, str]:
 
 def part_cli(report: dict, shape: dict, device: torch.device, n: int, work: Path) -> None:
     folder, tiny = work / "model", work / "tiny"
-    save_model(folder, shape)
-    save_model(tiny, TINY)
+    save_model(folder, shape, device)
+    save_model(tiny, TINY, device)
     small = ["--task", "mult", "--max-new-tokens", n, "--test-size", 16, "--eval-subset", 16, "--eval-every", 3]
     for algo in ("grpo", "sgrpo", "tspmo"):
         out = work / algo
