@@ -45,6 +45,12 @@ def build(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
     return model
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer reads what it did."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def recorded(sample, *args, **kwargs) -> tuple[list, list]:
     """(completions, (logits, uniforms) that each draw saw) of one sampler call."""
     calls, real = [], tokenrl.draw
@@ -122,7 +128,6 @@ def part_tokens(report: dict, shape: dict, device: torch.device, n: int, graphs:
 
 def part_speed(report: dict, shape: dict, device: torch.device, n: int, graphs: bool) -> None:
     n = min(n, 128)  # ms a step: 128 steps are enough, and generate at |G| 50 is slow
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for dtype in (torch.bfloat16, torch.float32):
         model, prompt = build(shape, dtype, device), list(range(1000, 1128))
         static = tokenrl.static_sampler(graphs=graphs)
@@ -135,10 +140,10 @@ def part_speed(report: dict, shape: dict, device: torch.device, n: int, graphs: 
         for g in (8, 16, 50):
             for name, run in runs.items():
                 run(g)  # warm: allocator, capture
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 run(g)
-                sync()
+                sync(device)
                 report[f"ms_step/{str(dtype)[6:]}/{name}/{g}"] = ms = 1000 * (time.perf_counter() - start) / n
                 print(f"ms a decoding step {str(dtype)[6:]:8s} {name:8s} |G| {g:2d}: {ms:.2f}")
         del model, static
@@ -160,15 +165,15 @@ def part_updates(report: dict, shape: dict, device: torch.device, n: int) -> Non
     groups = {"grpo": [tokens(n) for _ in range(8)], "tspmo": branching(50, 20)}
     for algo, group in groups.items():
         run = dataclasses.replace(cfg, algo=algo)
-        rewards = [float(i % 2) for i in range(len(group))]
-        for warm in (True, False):
+        rewards = [float(i % 2) for i in range(len(group))]  # rows i and i + 20 (one completion) share a reward
+        for _ in range(2):  # the first call warms the shapes up; the second is timed
             model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync(device)
             tokenrl.peak_memory_mb(device, reset=True)
             start = time.perf_counter()
             stats = tokenrl.group_update(model, prompt, group, rewards, run, generator=torch.Generator(),
                                          reference=tokenrl.reference_from_first_adapted_layer)  # as train()
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync(device)
         report[f"update_s/{algo}"] = seconds = time.perf_counter() - start
         report[f"update_mb/{algo}"] = peak = tokenrl.peak_memory_mb(device)
         print(f"update {algo:6s} |G| {len(group)} x {n} tokens, pass budget {cfg.pass_tokens}: {seconds:.3f} s, "
